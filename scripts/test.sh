@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up from nothing and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh train,serve,dev
+# Integration tests use the machine's Redis on 127.0.0.1:6379; start one if none answers.
+if command -v redis-cli >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    if command -v redis-server >/dev/null; then
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+            --logfile "$(mktemp -t redis-ci.XXXX.log)"
+        for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
+    fi
+fi
+exec .venv/bin/python -m pytest -q "$@"
