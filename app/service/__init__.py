@@ -1,0 +1,1 @@
+"""The REST service: FastAPI app, job store, worker, exports."""

@@ -1,0 +1,547 @@
+"""The REST API: ``create_app(settings) -> FastAPI``.
+
+Routes (versioned under ``/v1``): synchronous patients, cohort jobs with cached results,
+streamed exports, the loaded model's manifest, code lookup; plus ``/health``, ``/ready`` and
+``/metrics``. ``/docs`` and ``/redoc`` serve Swagger UI and ReDoc from assets installed with
+the ``fastapi-offline`` package: nothing is fetched from the internet.
+
+Inference never runs on the event loop: synchronous generation goes to a bounded thread pool
+(``inference_threads``), store calls run in FastAPI's thread pool, and exports are written by a
+synchronous iterator that Starlette drives from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import APIKeyHeader
+from fastapi_offline import FastAPIOffline
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from app.decoding.errors import (
+    GenerationError,
+    ImpossibleConstraintError,
+    InvalidParametersError,
+    PrivacyGuardError,
+    UnknownCodeError,
+)
+from app.icd9.codes import InvalidCodeError
+from app.icd9.hierarchy import load_hierarchy
+from app.service import exports
+from app.service.jobs import iter_result, job_id_for, new_record, status_of
+from app.service.schemas import (
+    CodeDetail,
+    CohortSpec,
+    CohortStatus,
+    ModelInfo,
+    PatientsRequest,
+    PatientsResponse,
+)
+from app.service.store import JobStore, make_store
+from app.service.worker import Worker, start_thread
+from app.settings import Settings
+
+__all__ = ["API_VERSION", "create_app"]
+
+log = logging.getLogger("synthehr.api")
+API_VERSION = "v1"
+JOB_ID = r"^[0-9a-f]{32}$"
+JobId = Annotated[str, Path(pattern=JOB_ID, description="Job id (32 hex digits).",
+                            examples=["0f3c2a9b8d7e6f5a4b3c2d1e0f9a8b7c"])]
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False,
+                          description="Required when the deployment sets an API key.")
+
+DESCRIPTION = """
+Synthetic patients - visits of ICD-9-CM diagnosis codes conditioned on age and sex - from a
+model trained offline. Nothing served is a training record.
+
+* `POST /v1/patients`: up to 100 patients at once, synchronously.
+* `POST /v1/cohorts`: a cohort (up to 100,000) as a background job; poll
+  `GET /v1/cohorts/{id}`, then download `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3`.
+  An identical request (spec, seed, model) returns the same job or its cached result.
+
+Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`).
+When the deployment sets an API key, send it in the `X-API-Key` header.
+"""
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+def _field(loc: list | tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def invalid(field: str, message: str, where: str = "body") -> JSONResponse:
+    """A 422 in FastAPI's format, for checks outside the pydantic models."""
+    loc = [where, *field.split(".")] if field else [where]
+    return JSONResponse(status_code=422, content={"detail": [
+        {"loc": loc, "field": field, "msg": message, "type": "value_error"}]})
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, message: str, where: str = "body") -> None:
+        super().__init__(message)
+        self.field, self.message, self.where = field, message, where
+
+
+def _generation_error_field(err: GenerationError) -> str:
+    if isinstance(err, (UnknownCodeError, ImpossibleConstraintError)):
+        return "must_include"
+    if isinstance(err, InvalidParametersError):
+        return "params"
+    if isinstance(err, PrivacyGuardError):
+        return "strategy"
+    return "body"
+
+
+# -- rate limit, body size and metrics as one pure ASGI middleware -------------------------------
+
+class _Buckets:
+    """Token buckets per client: ``rate`` per minute, ``burst`` at once."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._state: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 when allowed, else the seconds to wait."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._state.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._state[key] = (tokens - 1.0, now)
+                if len(self._state) > 100_000:
+                    self._state.clear()
+                return 0.0
+            self._state[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate if self.rate > 0 else 60.0
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("synthehr_http_requests_total", "HTTP requests",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("synthehr_http_request_seconds", "HTTP request latency",
+                                 ["method", "route"], registry=self.registry,
+                                 buckets=(.002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.patients = Counter("synthehr_patients_generated_total",
+                                "Patients generated by the API process", ["strategy"],
+                                registry=self.registry)
+        self.jobs = Counter("synthehr_cohort_jobs_total", "Cohort submissions",
+                            ["outcome"], registry=self.registry)
+        self.queue = Gauge("synthehr_queue_length", "Cohort jobs waiting for a worker",
+                           registry=self.registry)
+        self.ready = Gauge("synthehr_ready", "1 when the bundle is loaded and the store is up",
+                           registry=self.registry)
+
+
+class GuardMiddleware:
+    """Request body limit (413), rate limit (429), access log line and request metrics."""
+
+    def __init__(self, app, settings: Settings, metrics: _Metrics) -> None:
+        self.app = app
+        self.max_bytes = settings.max_request_bytes
+        self.buckets = (_Buckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
+                        if settings.rate_limit_per_minute > 0 else None)
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        status_holder = {"status": 500}
+        limited = path.startswith("/v1/")
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        if limited and self.buckets is not None:
+            client = headers.get(b"x-api-key") or (scope.get("client") or ("?",))[0]
+            wait = self.buckets.take(str(client))
+            if wait > 0:
+                await _plain(send_wrapper, 429, "rate limit exceeded; retry later",
+                             [(b"retry-after", str(max(1, round(wait))).encode())])
+                self._observe(scope, started, status_holder["status"])
+                return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _plain(send_wrapper, 413, f"request body over {self.max_bytes} bytes")
+            self._observe(scope, started, status_holder["status"])
+            return
+        received = 0
+        max_bytes = self.max_bytes
+
+        async def receive_wrapper():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except _TooLarge:
+            await _plain(send_wrapper, 413, f"request body over {self.max_bytes} bytes")
+        finally:
+            self._observe(scope, started, status_holder["status"])
+
+    def _observe(self, scope, started: float, status: int) -> None:
+        route = scope.get("route")
+        name = getattr(route, "path", None) or ("/static" if scope["path"].startswith(
+            "/static-offline-docs") else "unmatched")
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(scope["method"], name, str(status)).inc()
+        self.metrics.latency.labels(scope["method"], name).observe(seconds)
+        level = (logging.ERROR if status >= 500 and status != 503 else
+                 logging.WARNING if status == 503 else logging.DEBUG)
+        if log.isEnabledFor(level):
+            log.log(level, "request",
+                    extra={"method": scope["method"], "path": scope["path"], "status": status,
+                           "ms": round(seconds * 1000, 2)})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _plain(send, status: int, message: str, extra: list | None = None) -> None:
+    body = ('{"detail":"' + message + '"}').encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- the application --------------------------------------------------------------------------
+
+class ServiceState:
+    """What the routes share: settings, store, generator (None until loaded), pools."""
+
+    def __init__(self, settings: Settings, store: JobStore, generator=None) -> None:
+        self.settings = settings
+        self.store = store
+        self.generator = generator
+        self.load_error: str | None = None
+        self.pool: ThreadPoolExecutor | None = None  # per lifespan (startup -> shutdown)
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+
+def create_app(settings: Settings | None = None, *, generator=None,
+               store: JobStore | None = None,
+               generator_factory: Callable[[Settings], Any] | None = None) -> FastAPI:
+    """The API. ``generator``/``store`` may be injected (tests); by default the bundle at
+    ``settings.bundle`` is loaded at startup and the store follows ``settings.redis_url``."""
+    settings = settings or Settings()
+    if store is None:
+        store = make_store(settings.redis_url, settings.key_prefix)
+    state = ServiceState(settings, store, generator)
+    metrics = _Metrics()
+
+    def load() -> None:
+        if state.generator is not None:
+            return
+        try:
+            if generator_factory is not None:
+                state.generator = generator_factory(settings)
+            else:
+                from app.service.generation import load_generator
+
+                state.generator = load_generator(settings.bundle, settings.ort_threads)
+            log.info("bundle loaded", extra={"bundle": str(settings.bundle),
+                                             "version": state.generator.bundle_version})
+        except Exception as err:  # noqa: BLE001 - stay up, report not-ready with the reason
+            state.load_error = f"{type(err).__name__}: {err}"
+            log.error("bundle not loaded: the service is not ready",
+                      extra={"bundle": str(settings.bundle), "error": state.load_error})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if store.kind == "embedded":
+            log.warning("no REDIS_URL: using the EMBEDDED in-process job store and worker "
+                        "(jobs live in this process only and are lost when it stops; set "
+                        "REDIS_URL and run `synthehr worker` for a durable queue)",
+                        extra={"store": "embedded"})
+        else:
+            log.info("job store: redis", extra={"store": "redis", "prefix": settings.key_prefix})
+        await asyncio.get_running_loop().run_in_executor(None, load)
+        state.pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                                        thread_name_prefix="inference")
+        state.stop = threading.Event()
+        state.threads = []
+        if store.kind == "embedded" and state.generator is not None:
+            for _ in range(settings.embedded_workers):
+                worker = Worker(store, state.generator, settings)
+                state.threads.append(start_thread(worker, state.stop))
+        try:
+            yield
+        finally:
+            state.stop.set()
+            for thread in state.threads:
+                thread.join(timeout=10)
+            state.pool.shutdown(wait=False, cancel_futures=True)
+            state.pool = None
+
+    app = FastAPIOffline(
+        title="synthehr", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+        openapi_tags=[
+            {"name": "patients", "description": "Synthetic patients, synchronously."},
+            {"name": "cohorts", "description": "Large cohorts as background jobs."},
+            {"name": "model", "description": "The loaded model and the code hierarchy."},
+            {"name": "ops", "description": "Health, readiness and metrics."}],
+        swagger_ui_parameters={"defaultModelsExpandDepth": 0})
+    app.state.service = state
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = []
+        for e in exc.errors():
+            item = {"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())),
+                    "msg": e.get("msg", ""), "type": e.get("type", "")}
+            if "input" in e and isinstance(e["input"], (str, int, float, bool, type(None))):
+                item["input"] = e["input"]
+            detail.append(item)
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(_Invalid)
+    async def _invalid(request: Request, exc: _Invalid) -> JSONResponse:
+        return invalid(exc.field, exc.message, exc.where)
+
+    @app.exception_handler(GenerationError)
+    async def _generation(request: Request, exc: GenerationError) -> JSONResponse:
+        return invalid(_generation_error_field(exc), str(exc))
+
+    # -- auth ---------------------------------------------------------------------------------
+    def require_key(key: Annotated[str | None, Depends(KEY_HEADER)]) -> None:
+        if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
+            from fastapi import HTTPException
+
+            raise HTTPException(401, "missing or wrong X-API-Key",
+                                headers={"WWW-Authenticate": "APIKey"})
+
+    def ready_generator():
+        if state.generator is None:
+            from fastapi import HTTPException
+
+            raise HTTPException(503, f"no model loaded: {state.load_error or 'loading'}")
+        return state.generator
+
+    v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=[Depends(require_key)])
+
+    def check_limits(params: dict[str, Any], n: int, n_field: str, limit: int) -> None:
+        if n > limit:
+            raise _Invalid(n_field, f"at most {limit} patients per request here, got {n}")
+        mv = params.get("max_visits")
+        if mv is not None and mv > settings.max_visits:
+            raise _Invalid("params.max_visits", f"at most {settings.max_visits}, got {mv}")
+        mc = params.get("max_codes_per_visit")
+        if mc is not None and mc > settings.max_codes_per_visit:
+            raise _Invalid("params.max_codes_per_visit",
+                           f"at most {settings.max_codes_per_visit}, got {mc}")
+
+    def check_codes(gen, codes: list[str]) -> None:
+        for i, code in enumerate(codes):
+            if not gen.has_code(code):
+                raise _Invalid(f"must_include.{i}", f"code {code} is not in the model's "
+                               "vocabulary (it never occurred in its training data)")
+
+    @v1.post("/patients", response_model=PatientsResponse, tags=["patients"],
+             summary="Generate up to 100 patients synchronously",
+             responses={422: {"description": "Invalid request: `detail` names field and reason"},
+                        503: {"description": "No model loaded"}})
+    async def post_patients(body: PatientsRequest) -> Any:
+        gen = ready_generator()
+        demographics = body.demographics()
+        check_limits(body.params, len(demographics),
+                     "patients" if body.patients is not None else "n",
+                     settings.max_patients_per_request)
+        check_codes(gen, body.must_include)
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        params = body.params
+        loop = asyncio.get_running_loop()
+        patients = await loop.run_in_executor(
+            state.pool,  # None (no lifespan ran): the loop's default executor
+            lambda: gen.generate(demographics, strategy=body.strategy,
+                                             params=params, seed=seed,
+                                             must_include=body.must_include,
+                                             validity_mask=body.validity_mask))
+        metrics.patients.labels(body.strategy).inc(len(patients))
+        tag = hashlib.sha256(f"{seed}:{gen.bundle_version}".encode()).hexdigest()[:8]
+        rows = [exports.patient_out({"id": f"syn-{tag}-{i + 1:03d}", "age": a, "sex": s,
+                                     "visits": [list(v) for v in p.visits]})
+                for i, (p, (a, s)) in enumerate(zip(patients, demographics, strict=True))]
+        return JSONResponse({"bundle_version": gen.bundle_version, "strategy": body.strategy,
+                             "seed": seed, "patients": rows})
+
+    def result_urls(job_id: str) -> dict[str, str]:
+        return {f: f"/{API_VERSION}/cohorts/{job_id}/result?format={f}"
+                for f in exports.FORMATS}
+
+    @v1.post("/cohorts", status_code=202, response_model=CohortStatus, tags=["cohorts"],
+             summary="Submit a cohort job (or find the identical one already submitted)",
+             responses={202: {"description": "Accepted; `Location` is the job's URL",
+                              "headers": {"Location": {"schema": {"type": "string"}}}},
+                        422: {"description": "Invalid spec: `detail` names field and reason"},
+                        503: {"description": "No model loaded, or the store is unreachable"}})
+    def post_cohort(spec: CohortSpec, response: Response) -> Any:
+        gen = ready_generator()
+        check_limits(spec.params, spec.size, "size", settings.max_cohort_size)
+        check_codes(gen, spec.must_include)
+        job_id = job_id_for(spec, gen.bundle_version)
+        record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
+                            settings.generation_batch)
+        try:
+            record, created = store.submit(job_id, record)
+        except store.connection_errors as err:
+            return JSONResponse(status_code=503, content={"detail": f"job store unreachable: "
+                                                                    f"{err}"})
+        metrics.jobs.labels("created" if created else "cached").inc()
+        response.headers["Location"] = f"/{API_VERSION}/cohorts/{job_id}"
+        log.info("cohort submitted", extra={"job": job_id, "size": spec.size,
+                                            "new_job": created})
+        return status_of(record, cached=not created, result_urls=result_urls(job_id))
+
+    def get_record(job_id: str) -> dict[str, str]:
+        try:
+            record = store.get(job_id)
+        except store.connection_errors as err:
+            from fastapi import HTTPException
+
+            raise HTTPException(503, f"job store unreachable: {err}") from None
+        if record is None:
+            from fastapi import HTTPException
+
+            raise HTTPException(404, f"no job {job_id}: never submitted, expired after the "
+                                     "cache TTL, or lost by a store restarted without "
+                                     "persistence (submit it again)")
+        return record
+
+    @v1.get("/cohorts/{job_id}", response_model=CohortStatus, tags=["cohorts"],
+            summary="Status, progress, timings and error of a cohort job",
+            responses={404: {"description": "Unknown job"}})
+    def get_cohort(job_id: JobId) -> Any:
+        return status_of(get_record(job_id), result_urls=result_urls(job_id))
+
+    @v1.delete("/cohorts/{job_id}", response_model=CohortStatus, tags=["cohorts"],
+               summary="Cancel a cohort job",
+               responses={404: {"description": "Unknown job"},
+                          409: {"description": "The job already finished"}})
+    def delete_cohort(job_id: JobId) -> Any:
+        record = get_record(job_id)
+        if not store.cancel(job_id, time.time(), settings.cache_ttl_s):
+            return JSONResponse(status_code=409, content={
+                "detail": f"job {job_id} is already {record['status']}"})
+        return status_of(get_record(job_id))
+
+    @v1.get("/cohorts/{job_id}/result", tags=["cohorts"],
+            summary="Download a finished cohort (streamed)",
+            response_class=StreamingResponse,
+            responses={200: {"description": "The cohort", "content": {
+                "application/json": {}, "application/x-ndjson": {}, "text/csv": {},
+                "application/zip": {}}},
+                404: {"description": "Unknown job"},
+                409: {"description": "The job is not done"}})
+    def get_result(job_id: JobId,
+                   format: Annotated[Literal["json", "ndjson", "csv", "mimic3"], Query(
+                       description="`json`, `ndjson`, `csv` (long, one row per code) or "
+                                   "`mimic3` (zip of PATIENTS, ADMISSIONS, DIAGNOSES_ICD)")]
+                   = "json") -> Any:
+        record = get_record(job_id)
+        if record["status"] != "done":
+            return JSONResponse(status_code=409, content={
+                "detail": f"job {job_id} is {record['status']}, not done",
+                "status": status_of(record).model_dump()})
+        meta = {"id": job_id, "bundle_version": record.get("bundle_version", ""),
+                "count": int(record["total"])}
+        body = exports.stream(format, lambda: iter_result(store, record), meta)
+        name = f"cohort-{job_id[:12]}.{exports.EXTENSIONS[format]}"
+        return StreamingResponse(body, media_type=exports.MEDIA_TYPES[format], headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "ETag": f'"{job_id}-{format}"'})
+
+    @v1.get("/models", response_model=ModelInfo, tags=["model"],
+            summary="The loaded bundle's manifest and evaluation summary")
+    def get_models() -> Any:
+        gen = ready_generator()
+        return ModelInfo(bundle_version=gen.bundle_version, strategies=list(gen.strategies),
+                         manifest=gen.manifest, evaluation=gen.evaluation)
+
+    @v1.get("/codes/{code}", response_model=CodeDetail, tags=["model"],
+            summary="An ICD-9-CM code's category, chapter and description",
+            responses={422: {"description": "Not an ICD-9-CM code"}})
+    def get_code(code: Annotated[str, Path(max_length=16, examples=["250.00"],
+                                           description="Any spelling: `250.00` or `25000`")]
+                 ) -> Any:
+        try:
+            info = load_hierarchy().lookup(code)
+        except InvalidCodeError as err:
+            raise _Invalid("code", str(err), where="path") from None
+        in_vocab = state.generator.has_code(info.code) if state.generator is not None else None
+        return CodeDetail(code=info.code, category=info.category, chapter=info.chapter.key,
+                          chapter_title=info.chapter.title, billable=info.billable,
+                          description=info.description,
+                          category_description=info.category_description,
+                          in_model_vocabulary=in_vocab)
+
+    app.include_router(v1)
+
+    @app.get("/health", tags=["ops"], summary="Liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], summary="Readiness: bundle loaded and store reachable",
+             responses={503: {"description": "Not ready; the body says why"}})
+    def ready() -> Any:
+        store_ok = store.ping()
+        body = {"ready": state.generator is not None and store_ok,
+                "bundle_loaded": state.generator is not None,
+                "bundle_version": getattr(state.generator, "bundle_version", None),
+                "bundle_error": state.load_error, "store": store.kind,
+                "store_reachable": store_ok}
+        metrics.ready.set(1 if body["ready"] else 0)
+        return JSONResponse(status_code=200 if body["ready"] else 503, content=body)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+             response_class=PlainTextResponse)
+    def prometheus() -> Response:
+        try:
+            metrics.queue.set(store.queue_length())
+        except Exception:  # noqa: BLE001, S110 - metrics must answer when the store is down
+            pass
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.request_id = uuid.uuid4().hex
+    return app

@@ -1,0 +1,411 @@
+"""Job store: the queue, the jobs' progress and their results, chunk by chunk.
+
+Two implementations of one protocol (:class:`JobStore`):
+
+* :class:`RedisStore` - the deployment store, shared by the API and any number of worker
+  processes. Every state change that must not race is one Lua script (atomic in Redis).
+* :class:`EmbeddedStore` - in-process dictionaries under a lock, for a single process without
+  Redis (the API then runs its worker in a thread).
+
+Semantics both honour:
+
+* a job is a record (strings) plus its result chunks, keyed by chunk index. Writing a chunk that
+  is already there overwrites it and does not count it twice, so a chunk re-run after a worker
+  died leaves exactly one copy (at-least-once processing, exactly-once results);
+* ``claim`` moves a job from the queue to the processing set and stamps the worker's heartbeat;
+  ``reap`` puts back on the queue every processing job whose heartbeat is older than the lease;
+* a finished job's keys expire after the cache TTL; a cancelled or failed job can be resubmitted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+__all__ = [
+    "TERMINAL",
+    "EmbeddedStore",
+    "JobStore",
+    "RedisStore",
+    "StoreUnavailable",
+    "make_store",
+]
+
+TERMINAL = ("done", "failed", "cancelled")
+RESUBMITTABLE = ("failed", "cancelled")
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached."""
+
+
+class JobStore(Protocol):
+    kind: str
+
+    def ping(self) -> bool: ...
+    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+        """Create and enqueue ``job_id`` unless a live (or done) one exists; return the record
+        and whether it was created."""
+    def get(self, job_id: str) -> dict[str, str] | None: ...
+    def claim(self, worker: str, now: float) -> str | None: ...
+    def heartbeat(self, job_id: str, worker: str, now: float) -> bool: ...
+    def chunk_indices(self, job_id: str) -> set[int]: ...
+    def put_chunk(self, job_id: str, index: int, payload: bytes, n: int, now: float,
+                  ttl: int) -> str:
+        """Store one chunk; returns ``"ok"``, ``"done"`` (that was the last one), ``"gone"`` (no
+        such job) or the job's status when it is no longer running (``"cancelled"``)."""
+    def get_chunk(self, job_id: str, index: int) -> bytes | None: ...
+    def fail(self, job_id: str, error: str, now: float, ttl: int) -> None: ...
+    def cancel(self, job_id: str, now: float, ttl: int) -> bool: ...
+    def reap(self, now: float, lease_s: float) -> list[str]: ...
+    def queue_length(self) -> int: ...
+    def close(self) -> None: ...
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+_SUBMIT = """
+local job = KEYS[1]
+local status = redis.call('HGET', job, 'status')
+if status and status ~= 'failed' and status ~= 'cancelled' then
+  return {0, redis.call('HGETALL', job)}
+end
+redis.call('DEL', job, KEYS[2])
+for i = 1, #ARGV - 1, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+redis.call('PERSIST', job)
+redis.call('LPUSH', KEYS[3], ARGV[#ARGV])
+return {1, redis.call('HGETALL', job)}
+"""
+# ARGV: worker, now, prefix. KEYS: queue, processing.
+_CLAIM = """
+for _ = 1, 100 do
+  local id = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+  if not id then return false end
+  local job = ARGV[3] .. ':job:' .. id
+  local status = redis.call('HGET', job, 'status')
+  if status == 'queued' or status == 'running' then
+    redis.call('HSET', job, 'status', 'running', 'worker', ARGV[1], 'heartbeat', ARGV[2])
+    if not redis.call('HGET', job, 'started_at') or
+       redis.call('HGET', job, 'started_at') == '' then
+      redis.call('HSET', job, 'started_at', ARGV[2])
+    end
+    redis.call('HINCRBY', job, 'attempts', 1)
+    return id
+  end
+  redis.call('LREM', KEYS[2], 0, id)
+end
+return false
+"""
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' and
+   redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: job, chunks, processing. ARGV: index, payload, n, now, ttl, id.
+_PUT_CHUNK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status ~= 'running' then return status end
+if redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'done', ARGV[3])
+end
+if redis.call('HLEN', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'n_chunks')) then
+  redis.call('HSET', KEYS[1], 'status', 'done', 'finished_at', ARGV[4])
+  redis.call('LREM', KEYS[3], 0, ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  return 'done'
+end
+return 'ok'
+"""
+# KEYS: job, chunks, queue, processing. ARGV: status, error, now, ttl, id.
+_END = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'done' or status == 'failed' or status == 'cancelled' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'finished_at', ARGV[3])
+redis.call('LREM', KEYS[3], 0, ARGV[5])
+redis.call('LREM', KEYS[4], 0, ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+# KEYS: queue, processing. ARGV: now, lease, prefix.
+_REAP = """
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local job = ARGV[3] .. ':job:' .. id
+  local status = redis.call('HGET', job, 'status')
+  if status ~= 'running' then
+    redis.call('LREM', KEYS[2], 0, id)
+  else
+    local hb = tonumber(redis.call('HGET', job, 'heartbeat') or '0') or 0
+    if tonumber(ARGV[1]) - hb > tonumber(ARGV[2]) then
+      if redis.call('LREM', KEYS[2], 0, id) > 0 then
+        redis.call('HSET', job, 'status', 'queued', 'worker', '')
+        redis.call('RPUSH', KEYS[1], id)
+        table.insert(out, id)
+      end
+    end
+  end
+end
+return out
+"""
+
+
+def _pairs(flat: list) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """The store in Redis, under ``<prefix>:`` keys."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, prefix: str = "synthehr") -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.prefix = prefix
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=2, health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
+        self.queue_key = f"{prefix}:queue"
+        self.processing_key = f"{prefix}:processing"
+        self._submit = self.client.register_script(_SUBMIT)
+        self._claim = self.client.register_script(_CLAIM)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._put_chunk = self.client.register_script(_PUT_CHUNK)
+        self._end = self.client.register_script(_END)
+        self._reap = self.client.register_script(_REAP)
+
+    @property
+    def connection_errors(self) -> tuple[type[Exception], ...]:
+        return self._errors
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _chunks(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:chunks"
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+        args: list[str] = []
+        for key, value in record.items():
+            args += [key, str(value)]
+        args.append(job_id)
+        created, flat = self._submit(
+            keys=[self._job(job_id), self._chunks(job_id), self.queue_key], args=args)
+        return _pairs(flat), bool(created)
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        data = self.client.hgetall(self._job(job_id))
+        return {_s(k): _s(v) for k, v in data.items()} or None
+
+    def claim(self, worker: str, now: float) -> str | None:
+        job_id = self._claim(keys=[self.queue_key, self.processing_key],
+                             args=[worker, repr(now), self.prefix])
+        return _s(job_id) if job_id else None
+
+    def heartbeat(self, job_id: str, worker: str, now: float) -> bool:
+        return bool(self._heartbeat(keys=[self._job(job_id)], args=[worker, repr(now)]))
+
+    def chunk_indices(self, job_id: str) -> set[int]:
+        return {int(k) for k in self.client.hkeys(self._chunks(job_id))}
+
+    def put_chunk(self, job_id: str, index: int, payload: bytes, n: int, now: float,
+                  ttl: int) -> str:
+        return _s(self._put_chunk(
+            keys=[self._job(job_id), self._chunks(job_id), self.processing_key],
+            args=[index, payload, n, repr(now), ttl, job_id]))
+
+    def get_chunk(self, job_id: str, index: int) -> bytes | None:
+        return self.client.hget(self._chunks(job_id), str(index))
+
+    def _finish(self, job_id: str, status: str, error: str, now: float, ttl: int) -> bool:
+        return bool(self._end(
+            keys=[self._job(job_id), self._chunks(job_id), self.queue_key, self.processing_key],
+            args=[status, error, repr(now), ttl, job_id]))
+
+    def fail(self, job_id: str, error: str, now: float, ttl: int) -> None:
+        self._finish(job_id, "failed", error, now, ttl)
+
+    def cancel(self, job_id: str, now: float, ttl: int) -> bool:
+        return self._finish(job_id, "cancelled", "cancelled by request", now, ttl)
+
+    def reap(self, now: float, lease_s: float) -> list[str]:
+        out = self._reap(keys=[self.queue_key, self.processing_key],
+                         args=[repr(now), repr(lease_s), self.prefix])
+        return [_s(x) for x in out]
+
+    def queue_length(self) -> int:
+        return int(self.client.llen(self.queue_key))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- embedded ---------------------------------------------------------------------------------
+
+class EmbeddedStore:
+    """The same store in this process's memory (no Redis): one process, jobs die with it."""
+
+    kind = "embedded"
+    connection_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict[str, str]] = {}
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self._expiry: dict[str, float] = {}
+        self._queue: deque[str] = deque()
+        self._processing: list[str] = []
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job_id in [j for j, t in self._expiry.items() if t <= now]:
+            self._jobs.pop(job_id, None)
+            self._chunks.pop(job_id, None)
+            self._expiry.pop(job_id, None)
+
+    def ping(self) -> bool:
+        return True
+
+    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+        with self._lock:
+            self._expire()
+            job = self._jobs.get(job_id)
+            if job is not None and job["status"] not in RESUBMITTABLE:
+                return dict(job), False
+            self._jobs[job_id] = {k: str(v) for k, v in record.items()}
+            self._chunks[job_id] = {}
+            self._expiry.pop(job_id, None)
+            self._queue.appendleft(job_id)
+            return dict(self._jobs[job_id]), True
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        with self._lock:
+            self._expire()
+            job = self._jobs.get(job_id)
+            return dict(job) if job else None
+
+    def claim(self, worker: str, now: float) -> str | None:
+        with self._lock:
+            while self._queue:
+                job_id = self._queue.pop()
+                job = self._jobs.get(job_id)
+                if job is None or job["status"] not in ("queued", "running"):
+                    continue
+                self._processing.append(job_id)
+                job.update(status="running", worker=worker, heartbeat=repr(now))
+                if not job.get("started_at"):
+                    job["started_at"] = repr(now)
+                job["attempts"] = str(int(job.get("attempts", "0") or 0) + 1)
+                return job_id
+            return None
+
+    def heartbeat(self, job_id: str, worker: str, now: float) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job and job["status"] == "running" and job.get("worker") == worker:
+                job["heartbeat"] = repr(now)
+                return True
+            return False
+
+    def chunk_indices(self, job_id: str) -> set[int]:
+        with self._lock:
+            return set(self._chunks.get(job_id, {}))
+
+    def put_chunk(self, job_id: str, index: int, payload: bytes, n: int, now: float,
+                  ttl: int) -> str:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return "gone"
+            if job["status"] != "running":
+                return job["status"]
+            chunks = self._chunks.setdefault(job_id, {})
+            if index not in chunks:
+                job["done"] = str(int(job.get("done", "0")) + n)
+            chunks[index] = bytes(payload)
+            if len(chunks) >= int(job["n_chunks"]):
+                job.update(status="done", finished_at=repr(now))
+                if job_id in self._processing:
+                    self._processing.remove(job_id)
+                self._expiry[job_id] = time.time() + ttl
+                return "done"
+            return "ok"
+
+    def get_chunk(self, job_id: str, index: int) -> bytes | None:
+        with self._lock:
+            return self._chunks.get(job_id, {}).get(index)
+
+    def _finish(self, job_id: str, status: str, error: str, now: float, ttl: int) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job["status"] in TERMINAL:
+                return False
+            job.update(status=status, error=error, finished_at=repr(now))
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+            if job_id in self._processing:
+                self._processing.remove(job_id)
+            self._chunks[job_id] = {}
+            self._expiry[job_id] = time.time() + ttl
+            return True
+
+    def fail(self, job_id: str, error: str, now: float, ttl: int) -> None:
+        self._finish(job_id, "failed", error, now, ttl)
+
+    def cancel(self, job_id: str, now: float, ttl: int) -> bool:
+        return self._finish(job_id, "cancelled", "cancelled by request", now, ttl)
+
+    def reap(self, now: float, lease_s: float) -> list[str]:
+        out = []
+        with self._lock:
+            for job_id in list(self._processing):
+                job = self._jobs.get(job_id)
+                if job is None or job["status"] != "running":
+                    self._processing.remove(job_id)
+                elif now - float(job.get("heartbeat") or 0) > lease_s:
+                    self._processing.remove(job_id)
+                    job.update(status="queued", worker="")
+                    self._queue.append(job_id)
+                    out.append(job_id)
+        return out
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def close(self) -> None:
+        pass
+
+
+def make_store(redis_url: str | None, prefix: str = "synthehr") -> JobStore:
+    """:class:`RedisStore` for a URL, :class:`EmbeddedStore` for None."""
+    return RedisStore(redis_url, prefix) if redis_url else EmbeddedStore()
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))

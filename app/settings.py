@@ -1,0 +1,73 @@
+"""Service settings: one :class:`Settings` object, read from the environment.
+
+Every field can be set as ``SYNTHEHR_<FIELD>`` (for example ``SYNTHEHR_BUNDLE=models/demo``);
+the Redis URL is also accepted as plain ``REDIS_URL``, the convention of most hosting setups.
+Without a Redis URL the service runs an embedded (in-process) job store and worker and says so
+in its log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the worker (environment prefix ``SYNTHEHR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTHEHR_", extra="ignore",
+                                      populate_by_name=True)
+
+    # -- model and store --------------------------------------------------------------------
+    bundle: Path = Field(Path("models/demo"),
+                         description="Folder of the runtime bundle to serve (models/<name>/).")
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("SYNTHEHR_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis URL of the job store (queue, progress, results). None: an embedded "
+                    "in-process store and worker (one process only; jobs die with it).")
+    key_prefix: str = Field("synthehr", description="Prefix of every Redis key this service owns.")
+
+    # -- access -----------------------------------------------------------------------------
+    api_key: str | None = Field(None, description="When set, every /v1 request must carry it "
+                                                  "in the X-API-Key header.")
+    rate_limit_per_minute: int = Field(6000, ge=0, description="Requests per minute per client "
+                                                              "(API key or address); 0: no limit.")
+    rate_limit_burst: int = Field(200, ge=1, description="Requests a client may send at once.")
+
+    # -- limits -----------------------------------------------------------------------------
+    max_patients_per_request: int = Field(100, ge=1, le=10_000,
+                                          description="Patients in one POST /v1/patients.")
+    max_cohort_size: int = Field(100_000, ge=1, description="Patients in one cohort job.")
+    max_visits: int = Field(32, ge=1, description="Upper bound of visits per patient a caller "
+                                                  "may ask for.")
+    max_codes_per_visit: int = Field(64, ge=1, description="Upper bound of codes per visit a "
+                                                           "caller may ask for.")
+    max_request_bytes: int = Field(1_000_000, ge=1_024, description="Largest request body.")
+
+    # -- jobs -------------------------------------------------------------------------------
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a finished cohort (and "
+                                                              "its result) stays cached.")
+    chunk_size: int = Field(500, ge=1, le=100_000, description="Patients a worker generates "
+                                                               "per chunk (the unit of progress).")
+    lease_s: float = Field(15.0, gt=0, description="A worker heartbeat older than this frees "
+                                                   "its job for another worker.")
+    worker_poll_s: float = Field(0.2, gt=0, description="Idle worker's queue poll interval.")
+    embedded_workers: int = Field(1, ge=0, description="In-process workers of the embedded store.")
+
+    # -- inference --------------------------------------------------------------------------
+    ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session.")
+    inference_threads: int = Field(2, ge=1, description="Concurrent generate() calls in the API.")
+    generation_batch: int = Field(64, ge=1, description="Patients per engine call in jobs.")
+
+    # -- logs -------------------------------------------------------------------------------
+    log_level: str = Field("INFO", description="Python logging level.")
+    json_logs: bool = Field(True, description="One JSON object per log line.")
+
+
+def get_settings(**overrides) -> Settings:
+    """Settings from the environment with ``overrides`` on top."""
+    return Settings(**overrides)

@@ -1,0 +1,199 @@
+"""Typed, JSON-serialisable configuration of the model, the training objective and the trainer.
+
+This module is also the one place that fixes the **demographics conventions** every producer
+and consumer of model inputs uses (:data:`AGE_SCALE`, :data:`SEX_IDS`, :func:`demographics`):
+
+* ``age`` is a float tensor of years (at the first visit, capped at 90); the model normalises it
+  internally as ``age / AGE_SCALE``.
+* ``sex`` is an int64 tensor, ``0 = F``, ``1 = M`` (:data:`SEX_IDS`).
+
+Further demographic features (categorical or numeric) are declared in
+:attr:`ModelConfig.extra_features` and passed to the model as keyword tensors.
+
+Pure Python (no torch import), so the serving side can read a bundle's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AGE_SCALE",
+    "SEXES",
+    "SEX_IDS",
+    "SIZES",
+    "FeatureSpec",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "RunConfig",
+    "TrainConfig",
+    "demographics",
+    "model_config_for",
+]
+
+# -- demographics conventions (the one place) -------------------------------------------------
+AGE_SCALE = 90.0  # model input: age / AGE_SCALE
+SEXES = ("F", "M")
+SEX_IDS = {"F": 0, "M": 1}
+
+
+def demographics(age: float, sex: str) -> tuple[float, int]:
+    """``(age in years, sex id)`` as the model takes them; ValueError on an unknown sex."""
+    if sex not in SEX_IDS:
+        raise ValueError(f"sex must be one of {', '.join(SEXES)}, got {sex!r}")
+    return float(age), SEX_IDS[sex]
+
+
+@dataclass
+class FeatureSpec:
+    """One extra conditioning feature: ``numeric`` (scaled by ``scale``) or ``categorical``."""
+
+    name: str
+    kind: str = "categorical"  # or "numeric"
+    n_values: int = 2  # categorical only
+    scale: float = 1.0  # numeric only: the model sees value / scale
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("numeric", "categorical"):
+            raise ValueError(f"feature {self.name!r}: kind must be numeric or categorical")
+
+
+class _Json:
+    """Mixin: dict/JSON round trip that ignores unknown keys only where told to."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class ModelConfig(_Json):
+    """Architecture. Vocabulary sizes are filled in from :class:`app.vocab.Vocabulary`."""
+
+    n_tokens: int = 0  # all tokens (special + codes)
+    n_special: int = 6
+    n_codes: int = 0
+    n_categories: int = 0
+    n_chapters: int = 19
+    hierarchical: bool = True  # False: flat softmax over all tokens (the ablation)
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention_heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_function: str = "gelu"
+    max_positions: int = 256  # patient tokens (prompts excluded)
+    n_prompts_per_feature: int = 1  # learned prompt vectors per demographic feature
+    prompt_hidden: int = 128  # PromptEHR's reparametrisation MLP width
+    extra_features: list[FeatureSpec] = field(default_factory=list)
+    aux_heads: bool = True  # age regression + sex classification heads (used if weights > 0)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data["extra_features"] = [f if isinstance(f, FeatureSpec) else FeatureSpec(**f)
+                                  for f in data.get("extra_features", [])]
+        return super().from_dict(data)
+
+    @property
+    def n_features(self) -> int:
+        return 2 + len(self.extra_features)
+
+    @property
+    def n_prompts(self) -> int:
+        """Prompt positions prepended to the encoder input and to the decoder input."""
+        return self.n_features * self.n_prompts_per_feature
+
+
+@dataclass
+class ObjectiveConfig(_Json):
+    """Encoder corruption and loss weights (see :mod:`training.objective`)."""
+
+    demographics_only_prob: float = 0.25  # encoder sees only <s> </s> (+ prompts)
+    truncate_prob: float = 0.25  # keep only the first k visits in the encoder view
+    drop_prob: float = 0.15  # each code dropped from the encoder view
+    mask_prob: float = 0.15  # share of codes covered by <mask> spans
+    span_poisson: float = 2.0  # span lengths ~ 1 + Poisson(lambda - 1)
+    cooc_weight: float = 0.0  # co-occurrence regulariser weight
+    age_weight: float = 0.0  # auxiliary age regression weight
+    sex_weight: float = 0.0  # auxiliary sex classification weight
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig(_Json):
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    patience: int = 3  # epochs without validation improvement before stopping
+    min_delta: float = 1e-3  # relative improvement that counts
+    seed: int = 0
+    threads: int = 2
+    max_minutes: float = 0.0  # 0: no wall-time budget; else stop after the epoch that passes it
+    max_train_patients: int = 0  # 0: all; else a seed-deterministic subsample (for smoke runs)
+    eval_batch_size: int = 512
+    # early-stopping monitor on validation, encoder given only the demographics:
+    # "nll_per_token" (all tokens, structure and END included) or "nll_per_code"
+    monitor: str = "nll_per_token"
+
+
+@dataclass
+class RunConfig(_Json):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return cls(model=ModelConfig.from_dict(data.get("model", {})),
+                   objective=ObjectiveConfig.from_dict(data.get("objective", {})),
+                   train=TrainConfig.from_dict(data.get("train", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def override(self, dotted: dict[str, Any]) -> RunConfig:
+        """A copy with ``{"model.d_model": 64, "train.epochs": 3}``-style overrides applied."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in data or name not in data[section]:
+                raise ValueError(f"unknown config key {key!r}")
+            data[section][name] = value
+        return RunConfig.from_dict(data)
+
+
+# Model sizes by name (vocabulary sizes are filled in at training time).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2,
+             "ffn_dim": 128, "prompt_hidden": 64},
+    "small": {"d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
+              "ffn_dim": 512, "prompt_hidden": 128},
+    "base": {"d_model": 256, "encoder_layers": 3, "decoder_layers": 3, "attention_heads": 4,
+             "ffn_dim": 1024, "prompt_hidden": 256},
+}
+
+
+def model_config_for(size: str, **overrides: Any) -> ModelConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    return ModelConfig(**{**SIZES[size], **overrides})

@@ -1,0 +1,182 @@
+"""Tokenisation of patients and batching for the BART objective.
+
+A patient becomes ``<s> <v> c1 c2 .. </v> <v> ... </v> </s>`` (token ids of
+:class:`app.vocab.Vocabulary`); codes are shuffled within each visit when a random generator is
+given (a visit is a set). Codes outside the vocabulary are dropped, then empty visits; a patient
+longer than ``max_len`` tokens keeps its earliest visits that fit (and still ends with ``</s>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.corpus import Patient
+from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Vocabulary
+from training.config import SEX_IDS, ObjectiveConfig
+
+__all__ = [
+    "TOKENS",
+    "Batch",
+    "EncodedPatient",
+    "collate",
+    "corrupt",
+    "encode_patients",
+    "length_batches",
+    "patient_tokens",
+]
+
+
+@dataclass(frozen=True)
+class _Ids:
+    pad: int
+    bos: int
+    eos: int
+    visit: int
+    end_visit: int
+    mask: int
+    n_special: int
+
+
+TOKENS = _Ids(*(SPECIAL_TOKENS.index(t) for t in (PAD, BOS, EOS, VISIT, END_VISIT, MASK)),
+              n_special=len(SPECIAL_TOKENS))
+
+
+@dataclass(frozen=True)
+class EncodedPatient:
+    age: float
+    sex: int
+    visits: tuple[np.ndarray, ...]  # token ids of each visit's codes
+
+    @property
+    def n_tokens(self) -> int:
+        return 2 + sum(len(v) + 2 for v in self.visits)
+
+
+def encode_patients(patients: Iterable[Patient], vocab: Vocabulary,
+                    max_len: int) -> list[EncodedPatient]:
+    """Token-id visits of each patient, fitted into ``max_len`` tokens (see module docstring)."""
+    out = []
+    for p in patients:
+        visits, length = [], 2
+        for visit in p.visits:
+            ids = np.array([vocab.index[c] for c in visit if c in vocab.index], dtype=np.int64)
+            if ids.size == 0:
+                continue
+            if length + ids.size + 2 > max_len:
+                break
+            visits.append(ids)
+            length += ids.size + 2
+        out.append(EncodedPatient(float(p.age), SEX_IDS[p.sex], tuple(visits)))
+    return out
+
+
+def patient_tokens(visits: Sequence[Sequence[int]]) -> list[int]:
+    """``<s> (<v> codes </v>)* </s>`` of already ordered visits."""
+    out = [TOKENS.bos]
+    for visit in visits:
+        out.append(TOKENS.visit)
+        out.extend(int(c) for c in visit)
+        out.append(TOKENS.end_visit)
+    out.append(TOKENS.eos)
+    return out
+
+
+def corrupt(visits: list[np.ndarray], rng: np.random.Generator,
+            cfg: ObjectiveConfig) -> list[int]:
+    """The encoder's view of a patient (PromptEHR-style noising, see :mod:`training.objective`).
+
+    With ``demographics_only_prob`` nothing but ``<s> </s>``; otherwise later visits are cut
+    with ``truncate_prob`` (keep the first k of n, k uniform in 1..n-1), each code is dropped
+    with ``drop_prob``, and spans of the remaining codes of a visit (lengths ``1 +
+    Poisson(span_poisson - 1)``) become one ``<mask>`` each, covering about ``mask_prob`` of
+    the codes.
+    """
+    if rng.random() < cfg.demographics_only_prob or not visits:
+        return [TOKENS.bos, TOKENS.eos]
+    if len(visits) > 1 and rng.random() < cfg.truncate_prob:
+        visits = visits[: int(rng.integers(1, len(visits)))]
+    span_mean = max(cfg.span_poisson, 1.0)
+    start_prob = cfg.mask_prob / span_mean
+    out = [TOKENS.bos]
+    for visit in visits:
+        out.append(TOKENS.visit)
+        if cfg.drop_prob > 0:
+            visit = visit[rng.random(len(visit)) >= cfg.drop_prob]
+        i = 0
+        while i < len(visit):
+            if start_prob > 0 and rng.random() < start_prob:
+                out.append(TOKENS.mask)
+                i += 1 + int(rng.poisson(span_mean - 1.0))
+            else:
+                out.append(int(visit[i]))
+                i += 1
+        out.append(TOKENS.end_visit)
+    out.append(TOKENS.eos)
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, S] encoder view
+    attention_mask: torch.Tensor  # [B, S]
+    decoder_input_ids: torch.Tensor  # [B, T] = target[:-1]
+    labels: torch.Tensor  # [B, T] = target[1:], <pad> where absent
+    age: torch.Tensor  # [B] float years
+    sex: torch.Tensor  # [B] int64, 0 F / 1 M
+
+    def __len__(self) -> int:
+        return int(self.age.shape[0])
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), TOKENS.pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+def collate(patients: Sequence[EncodedPatient], rng: np.random.Generator, cfg: ObjectiveConfig,
+            mode: str = "train", shuffle: bool = True) -> Batch:
+    """One batch. ``mode``: ``train`` (corrupted encoder view), ``demographics`` (encoder sees
+    only ``<s> </s>``) or ``full`` (encoder sees the whole patient). Codes are shuffled within
+    visits by ``rng`` unless ``shuffle=False`` (stored order)."""
+    targets, sources = [], []
+    for p in patients:
+        visits = [rng.permutation(v) for v in p.visits] if shuffle else list(p.visits)
+        targets.append(patient_tokens(visits))
+        if mode == "train":
+            sources.append(corrupt(visits, rng, cfg))
+        elif mode == "demographics":
+            sources.append([TOKENS.bos, TOKENS.eos])
+        elif mode == "full":
+            sources.append(patient_tokens(visits))
+        else:
+            raise ValueError(f"unknown batch mode {mode!r}")
+    src = _pad(sources)
+    tgt = _pad(targets)
+    return Batch(input_ids=src, attention_mask=(src != TOKENS.pad).long(),
+                 decoder_input_ids=tgt[:, :-1].clone(), labels=tgt[:, 1:].clone(),
+                 age=torch.tensor([p.age for p in patients], dtype=torch.float32),
+                 sex=torch.tensor([p.sex for p in patients], dtype=torch.long))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None,
+                   bucket: int = 50) -> Iterator[np.ndarray]:
+    """Index batches; with ``rng``, shuffled then length-sorted within buckets of batches."""
+    n = len(lengths)
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    lengths = np.asarray(lengths)
+    chunk = batch_size * bucket
+    batches = []
+    for s in range(0, n, chunk):
+        part = order[s: s + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i: i + batch_size] for i in range(0, len(part), batch_size))
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    yield from batches

@@ -1,0 +1,617 @@
+"""The evaluation report: ``report.json``, a self-contained ``report.html``, ``report.md`` (the
+README table) and the terminal table.
+
+Rows are cohorts (each decoding strategy, then the ``floor`` and ``baseline`` references of the
+same run), values are :func:`app.metrics.evaluate_cohort` dicts. The HTML carries its plots as
+inline base64 PNG (matplotlib, Agg backend) and its CSS inline: no external file, script or
+font, so it opens on a machine with no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from app.corpus import AGE_BINS, Patient
+from app.icd9.codes import InvalidCodeError
+from app.icd9.hierarchy import CHAPTERS, chapter_of
+from app.metrics import (PROTOCOL_TARGETS, Target, aligned_prevalence, check_targets,
+                         code_counts, jsd_from_counts, r2_score)
+
+__all__ = ["FLOOR", "BASELINE", "REFERENCE_LABELS", "MetricSpec", "METRICS", "FORMAT",
+           "row_order", "format_value", "print_table", "markdown_table", "report_json",
+           "render_html", "write_report"]
+
+FORMAT = "synthehr-report-1"
+FLOOR, BASELINE = "floor", "baseline"
+REFERENCE_LABELS = {FLOOR: "floor (real train sample)",
+                    BASELINE: "baseline (independent marginals)"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    label: str
+    fmt: str  # "f3" (3 decimals), "f4", "f1", "pct" (percent, 1 decimal), "pct2", "int"
+    group: str
+    help: str
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("jsd", "JSD", "f4", "fidelity",
+               "base-2 Jensen-Shannon divergence of code frequencies vs test"),
+    MetricSpec("top100_overlap", "top-100 overlap", "f3", "fidelity",
+               "Jaccard of the 100 most frequent codes (ties by code)"),
+    MetricSpec("unigram_r2", "unigram R2", "f3", "fidelity",
+               "R2 of per-visit code prevalence, test as reference, union of codes"),
+    MetricSpec("bigram_r2", "bigram R2", "f3", "fidelity",
+               "R2 of per-visit unordered-pair prevalence, union of pairs"),
+    MetricSpec("cooccurrence_score", "co-occurrence score", "f1", "fidelity",
+               "mean over visits of the summed test-split counts of the visit's pairs"),
+    MetricSpec("ks_visits_per_patient", "KS visits/patient", "f3", "structure",
+               "two-sample KS statistic vs test"),
+    MetricSpec("ks_codes_per_visit", "KS codes/visit", "f3", "structure",
+               "two-sample KS statistic vs test"),
+    MetricSpec("mean_codes_per_visit", "mean codes/visit", "f2", "structure", ""),
+    MetricSpec("mean_visits_per_patient", "mean visits/patient", "f3", "structure", ""),
+    MetricSpec("over_length_visits", "visits over train max length", "pct", "structure",
+               "share of visits with more codes than the longest training visit"),
+    MetricSpec("well_formed", "well-formed", "pct", "structure",
+               "patients with >= 1 visit, no empty visit, no repeated code in a visit"),
+    MetricSpec("validity", "validity (mask on)", "pct2", "validity",
+               "code occurrences consistent with age and sex under MCE v32 edits"),
+    MetricSpec("validity_model_alone", "validity (model alone)", "pct2", "validity",
+               "the same, decoding without the validity mask"),
+    MetricSpec("exact_copy_rate", "exact-copy rate", "pct", "privacy",
+               "patients whose visit sequence (visits as code sets) equals a training patient's"),
+    MetricSpec("exact_copy_rate_test", "exact-copy rate, real test", "pct", "privacy",
+               "the same for real test patients: the reference"),
+    MetricSpec("dcr_mean", "DCR mean", "f3", "privacy",
+               "Jaccard distance of all-codes sets to the closest training patient"),
+    MetricSpec("dcr_median", "DCR median", "f3", "privacy", ""),
+    MetricSpec("dcr_zero_share", "DCR = 0 share", "pct", "privacy", ""),
+    MetricSpec("dcr_test_mean", "DCR mean, real test", "f3", "privacy", "reference"),
+    MetricSpec("mia_auc", "membership-inference AUC", "f3", "privacy",
+               "nearest-synthetic-neighbour attack, train members vs test non-members"),
+    MetricSpec("generation_seconds", "generation time (s)", "f1", "size",
+               "wall-clock seconds to generate the cohort"),
+    MetricSpec("n_patients", "patients", "int", "size", ""),
+    MetricSpec("n_visits", "visits", "int", "size", ""),
+    MetricSpec("distinct_codes", "distinct codes", "int", "size", ""),
+)
+
+# The columns of the README table.
+README_METRICS = ("jsd", "top100_overlap", "unigram_r2", "bigram_r2", "cooccurrence_score",
+                  "ks_codes_per_visit", "validity", "validity_model_alone", "well_formed",
+                  "exact_copy_rate", "dcr_mean", "mia_auc")
+
+
+def _label(name: str) -> str:
+    return REFERENCE_LABELS.get(name, name)
+
+
+def row_order(rows: Mapping[str, Mapping]) -> list[str]:
+    """Strategies in insertion order, then the floor, then the baseline."""
+    names = [n for n in rows if n not in REFERENCE_LABELS]
+    return names + [n for n in (FLOOR, BASELINE) if n in rows]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def format_value(value, fmt: str) -> str:
+    if not _finite(value):
+        return "-"
+    if fmt == "pct":
+        return f"{100 * value:.1f}%"
+    if fmt == "pct2":
+        return f"{100 * value:.2f}%"
+    if fmt == "int":
+        return f"{round(value):,}"
+    return f"{value:.{int(fmt[1:])}f}"
+
+
+def _targets_by_metric(targets: Sequence[Target]) -> dict[str, Target]:
+    return {t.metric: t for t in targets}
+
+
+def _present(specs: Sequence[MetricSpec], rows: Mapping[str, Mapping]) -> list[MetricSpec]:
+    return [s for s in specs if any(_finite(r.get(s.key)) for r in rows.values())]
+
+
+# -- terminal and markdown ---------------------------------------------------------------------
+
+def print_table(rows: Mapping[str, Mapping[str, float]], console=None, title: str | None = None,
+                targets: Sequence[Target] = PROTOCOL_TARGETS) -> None:
+    """The report as a rich table: metrics down, cohorts across, a target column; a value
+    meeting its target is green, one missing it red (references included, for context)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    order = row_order(rows)
+    by_metric = _targets_by_metric(targets)
+    table = Table(title=title, header_style="bold", show_lines=False)
+    table.add_column("metric")
+    for name in order:
+        table.add_column(_label(name), justify="right",
+                         style="dim" if name in REFERENCE_LABELS else None)
+    table.add_column("target", justify="right")
+    checks = {name: check_targets(rows[name], targets) for name in order}
+    group = None
+    for spec in _present(METRICS, rows):
+        if group is not None and spec.group != group:
+            table.add_section()
+        group = spec.group
+        cells = []
+        for name in order:
+            text = format_value(rows[name].get(spec.key), spec.fmt)
+            ok = checks[name].get(spec.key)
+            if ok is True:
+                text = f"[green]{text} ✓[/]"
+            elif ok is False:
+                text = f"[red]{text} ✗[/]"
+            cells.append(text)
+        target = by_metric.get(spec.key)
+        table.add_row(spec.label, *cells, target.describe() if target else "")
+    console.print(table)
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, float]],
+                   metrics: Sequence[str] = README_METRICS,
+                   targets: Sequence[Target] = PROTOCOL_TARGETS) -> str:
+    """The README table: one line per cohort, the headline metrics across, a target line; a
+    value missing its target is marked with a trailing ``✗``."""
+    specs = {s.key: s for s in METRICS}
+    keys = [k for k in metrics if k in specs
+            and any(_finite(r.get(k)) for r in rows.values())]
+    by_metric = _targets_by_metric(targets)
+    header = "| cohort | " + " | ".join(specs[k].label for k in keys) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(keys)]
+    for name in row_order(rows):
+        checks = check_targets(rows[name], targets)
+        cells = []
+        for k in keys:
+            text = format_value(rows[name].get(k), specs[k].fmt)
+            if checks.get(k) is False and name not in REFERENCE_LABELS:
+                text += " ✗"
+            cells.append(text)
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    lines.append("| target | " + " | ".join(
+        by_metric[k].describe() if k in by_metric else "" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- json --------------------------------------------------------------------------------------
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def report_json(rows: Mapping[str, Mapping[str, float]], meta: Mapping,
+                targets: Sequence[Target] = PROTOCOL_TARGETS) -> dict:
+    """The JSON document: format, meta, row order, rows, targets, per-row pass/fail, metric
+    definitions. NaN becomes null."""
+    order = row_order(rows)
+    return _clean({
+        "format": FORMAT,
+        "meta": dict(meta),
+        "order": order,
+        "reference_rows": [n for n in order if n in REFERENCE_LABELS],
+        "rows": {n: dict(rows[n]) for n in order},
+        "targets": [{"metric": t.metric, "op": t.op, "value": t.value,
+                     "relative_to": t.relative_to, "label": t.describe()} for t in targets],
+        "checks": {n: check_targets(rows[n], targets) for n in order},
+        "definitions": {s.key: s.help for s in METRICS if s.help},
+    })
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+_REAL_COLOR = "#555555"
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+            "#17becf", "#bcbd22")
+
+
+def _colors(order: Sequence[str]) -> dict[str, str]:
+    return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(order)}
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, cols: int = 3) -> tuple[int, int]:
+    cols = max(1, min(cols, n))
+    return (n + cols - 1) // cols, cols
+
+
+def plot_prevalence(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
+                    order_: int) -> str:
+    """Real vs synthetic per-visit prevalence of codes (1) or pairs (2), log-log, one panel per
+    cohort; zeros are drawn on the axis floor (grey)."""
+    plt = _pyplot()
+    names = list(cohorts)
+    n_rows, n_cols = _grid(len(names))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows),
+                             squeeze=False)
+    colors = _colors(names)
+    n_test_visits = sum(len(p.visits) for p in test)
+    for ax, name in zip(axes.flat, names):
+        y, yhat, _ = aligned_prevalence(test, cohorts[name], order_)
+        n_syn_visits = sum(len(p.visits) for p in cohorts[name])
+        floor = 0.5 / max(n_test_visits, n_syn_visits, 1)
+        both = (y > 0) & (yhat > 0)
+        ax.scatter(y[both], yhat[both], s=6 if order_ == 1 else 3, alpha=0.5,
+                   color=colors[name], rasterized=True, linewidths=0)
+        lone = ~both
+        ax.scatter(np.maximum(y[lone], floor), np.maximum(yhat[lone], floor),
+                   s=10 if order_ == 1 else 6, alpha=0.5, color="#777777", rasterized=True,
+                   marker="x", linewidths=0.6, label="absent on one side")
+        top = max(float(y.max(initial=0)), float(yhat.max(initial=0)), floor * 10) * 1.5
+        ax.plot([floor, top], [floor, top], color="black", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(floor * 0.7, top)
+        ax.set_ylim(floor * 0.7, top)
+        r2 = r2_score(y, yhat) if y.size else float("nan")
+        ax.set_title(f"{_label(name)}\nR2 {r2:.3f} over {y.size:,} "
+                     f"{'codes' if order_ == 1 else 'pairs'}", fontsize=9)
+        ax.set_xlabel("real test prevalence (share of visits)", fontsize=8)
+        ax.set_ylabel("synthetic prevalence", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if lone.any():
+            ax.legend(fontsize=7, loc="upper left", markerscale=1.5)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _share_hist(values: np.ndarray, cap: int) -> np.ndarray:
+    clipped = np.minimum(values, cap)
+    counts = np.bincount(clipped, minlength=cap + 1)[1:cap + 1].astype(float)
+    shares = counts / max(counts.sum(), 1.0)
+    return np.where(shares > 0, shares, np.nan)  # log scale: leave empty bins blank
+
+
+def plot_histograms(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient]) -> str:
+    """Codes per visit and visits per patient: real test as grey bars, cohorts as lines."""
+    plt = _pyplot()
+    colors = _colors(list(cohorts))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+
+    def cpv(ps):
+        return np.array([len(set(v)) for p in ps for v in p.visits], dtype=int)
+
+    def vpp(ps):
+        return np.array([len(p.visits) for p in ps], dtype=int)
+
+    for ax, fn, title in ((axes[0], cpv, "codes per visit"),
+                          (axes[1], vpp, "visits per patient")):
+        real = fn(test)
+        values = {n: fn(ps) for n, ps in cohorts.items()}
+        top = max([int(real.max(initial=1))] + [int(v.max(initial=1)) for v in values.values()])
+        cap = min(max(top, 1), 15)
+        xs = np.arange(1, cap + 1)
+        ax.bar(xs, _share_hist(real, cap), color=_REAL_COLOR, alpha=0.35, label="real test")
+        for name, v in values.items():
+            ax.plot(xs, _share_hist(v, cap), marker="o", ms=3, lw=1.2, color=colors[name],
+                    label=_label(name))
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x}+" if x == cap and top > cap else str(x) for x in xs],
+                           fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_ylabel("share (log scale)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _chapter_shares(patients: Sequence[Patient]) -> np.ndarray:
+    shares = np.zeros(len(CHAPTERS) + 1)
+    for code, n in code_counts(patients).items():
+        try:
+            shares[chapter_of(code).index] += n
+        except InvalidCodeError:
+            shares[-1] += n
+    return shares / max(shares.sum(), 1.0)
+
+
+def plot_chapters(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient]) -> str:
+    """Share of code occurrences per ICD-9-CM chapter: real test as grey bars, each cohort as
+    a marker on the same row."""
+    plt = _pyplot()
+    names = list(cohorts)
+    colors = _colors(names)
+    real = _chapter_shares(test)
+    series = {n: _chapter_shares(ps) for n, ps in cohorts.items()}
+    keep = [i for i in range(len(CHAPTERS) + 1)
+            if real[i] > 0 or any(s[i] > 0 for s in series.values())]
+
+    def label(i: int) -> str:
+        if i == len(CHAPTERS):
+            return "other"
+        title = CHAPTERS[i].title
+        return f"{CHAPTERS[i].key} {title if len(title) <= 40 else title[:39] + '…'}"
+
+    fig, ax = plt.subplots(figsize=(10, 0.38 * len(keep) + 1.4))
+    pos = np.arange(len(keep))
+    ax.barh(pos, real[keep], height=0.7, color=_REAL_COLOR, alpha=0.3, label="real test")
+    markers = "ods^v<>Ph"
+    for j, name in enumerate(names):
+        ax.scatter(series[name][keep], pos, color=colors[name], marker=markers[j % len(markers)],
+                   s=28, zorder=3, label=_label(name))
+    ax.set_yticks(pos)
+    ax.set_yticklabels([label(i) for i in keep], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of code occurrences")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _age_label(low: int, high: int) -> str:
+    return "0" if (low, high) == (0, 1) else f"{low}-{high - 1}"
+
+
+def _groups(patients: Sequence[Patient]) -> dict[tuple[int, str], list[Patient]]:
+    out: dict[tuple[int, str], list[Patient]] = {}
+    for p in patients:
+        for b, (low, high) in enumerate(AGE_BINS):
+            if low <= p.age < high:
+                out.setdefault((b, p.sex), []).append(p)
+                break
+    return out
+
+
+def age_sex_breakdown(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
+                      min_patients: int = 30) -> dict:
+    """Per age bin x sex: patients in the test split and each cohort, and the JSD of each
+    cohort's code frequencies against the test split's within the group (groups with at least
+    ``min_patients`` on both sides)."""
+    real = _groups(test)
+    grouped = {name: _groups(patients) for name, patients in cohorts.items()}
+    keys = [(b, s) for b in range(len(AGE_BINS)) for s in ("F", "M")
+            if real.get((b, s)) or any(g.get((b, s)) for g in grouped.values())]
+    labels = [f"{_age_label(*AGE_BINS[b])} {s}" for b, s in keys]
+    out = {"groups": labels, "patients": {"real test": [len(real.get(k, [])) for k in keys]},
+           "jsd": {}}
+    for name in cohorts:
+        groups = grouped[name]
+        out["patients"][name] = [len(groups.get(k, [])) for k in keys]
+        values = []
+        for k in keys:
+            a, b = real.get(k, []), groups.get(k, [])
+            if len(a) < min_patients or len(b) < min_patients:
+                values.append(float("nan"))
+                continue
+            ca, cb = code_counts(a), code_counts(b)
+            codes = sorted(set(ca) | set(cb))
+            values.append(jsd_from_counts(np.array([ca.get(c, 0) for c in codes]),
+                                          np.array([cb.get(c, 0) for c in codes])))
+        out["jsd"][name] = values
+    return out
+
+
+def plot_age_sex(breakdown: dict, names: Sequence[str]) -> str:
+    """Patients per age bin and sex (conditioning check) and within-group JSD vs test."""
+    plt = _pyplot()
+    colors = _colors(list(names))
+    labels = breakdown["groups"]
+    pos = np.arange(len(labels))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    ax = axes[0]
+    ax.bar(pos, breakdown["patients"]["real test"], color=_REAL_COLOR, alpha=0.35,
+           label="real test")
+    for name in names:
+        ax.plot(pos, breakdown["patients"][name], marker="o", ms=3, lw=1.0, color=colors[name],
+                label=_label(name))
+    ax.set_xticks(pos)
+    ax.set_xticklabels(labels, rotation=60, fontsize=8)
+    ax.set_title("patients by age at first visit and sex")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        values = np.array(breakdown["jsd"][name], dtype=float)
+        ax.bar(pos + j * width - 0.4 + width / 2, np.nan_to_num(values), width=width,
+               color=colors[name], label=_label(name))
+    ax.set_xticks(pos)
+    ax.set_xticklabels(labels, rotation=60, fontsize=8)
+    ax.set_title("JSD of code frequencies vs real test, within each group\n"
+                 "(blank: fewer than 30 patients)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# -- html --------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1400px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; font-size: 1.25em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.pass { background: #e3f6e3; } td.fail { background: #fbe1e1; }
+td.ref, th.ref { color: #555; font-style: italic; }
+tr.section td { background: #fafafa; font-weight: bold; border-top: 2px solid #bbb; }
+.meta td:first-child { font-weight: bold; }
+figure { margin: 1em 0 2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; max-width: 1000px; }
+.small { color: #666; font-size: 0.85em; }
+"""
+
+
+def _metrics_table_html(rows: Mapping[str, Mapping[str, float]],
+                        targets: Sequence[Target]) -> str:
+    order = row_order(rows)
+    by_metric = _targets_by_metric(targets)
+    checks = {n: check_targets(rows[n], targets) for n in order}
+    out = ["<table><thead><tr><th>metric</th>"]
+    for name in order:
+        cls = ' class="ref"' if name in REFERENCE_LABELS else ""
+        out.append(f"<th{cls}>{html.escape(_label(name))}</th>")
+    out.append("<th>target</th></tr></thead><tbody>")
+    group = None
+    for spec in _present(METRICS, rows):
+        if spec.group != group:
+            group = spec.group
+            out.append(f'<tr class="section"><td colspan="{len(order) + 2}">'
+                       f"{html.escape(group)}</td></tr>")
+        title = f' title="{html.escape(spec.help)}"' if spec.help else ""
+        out.append(f"<tr><td{title}>{html.escape(spec.label)}</td>")
+        for name in order:
+            ok = checks[name].get(spec.key)
+            classes = ["num"]
+            if ok is True:
+                classes.append("pass")
+            elif ok is False:
+                classes.append("fail")
+            if name in REFERENCE_LABELS:
+                classes.append("ref")
+            mark = " ✓" if ok is True else (" ✗" if ok is False else "")
+            value = format_value(rows[name].get(spec.key), spec.fmt)
+            out.append(f'<td class="{" ".join(classes)}">{html.escape(value + mark)}</td>')
+        target = by_metric.get(spec.key)
+        out.append(f"<td>{html.escape(target.describe()) if target else ''}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _meta_html(meta: Mapping) -> str:
+    rows = []
+    for key, value in meta.items():
+        if isinstance(value, Mapping):
+            value = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                              for k, v in value.items())
+        rows.append(f"<tr><td>{html.escape(str(key))}</td>"
+                    f"<td>{html.escape(str(value))}</td></tr>")
+    return '<table class="meta">' + "".join(rows) + "</table>"
+
+
+def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, Sequence[Patient]],
+                test: Sequence[Patient], meta: Mapping,
+                targets: Sequence[Target] = PROTOCOL_TARGETS) -> str:
+    """The self-contained HTML report (inline CSS, inline base64 PNG figures)."""
+    order = [n for n in row_order(rows) if n in cohorts]
+    ordered = {n: cohorts[n] for n in order}
+    source = str(meta.get("source", "unknown source"))
+    figures = []
+    if ordered:
+        breakdown = age_sex_breakdown(ordered, test)
+        figures = [
+            ("Code prevalence",
+             ("Per-visit prevalence of each code, real test split (x) vs cohort (y), log scale; "
+              "the dashed line is equality. Codes seen on one side only sit on the axis floor."),
+             plot_prevalence(ordered, test, 1)),
+            ("Pair prevalence",
+             "Per-visit prevalence of each unordered code pair (the bigram R2 compares these).",
+             plot_prevalence(ordered, test, 2)),
+            ("Visit structure",
+             "Codes per visit and visits per patient, share of visits / patients (log scale).",
+             plot_histograms(ordered, test)),
+            ("Chapters", "Share of code occurrences per ICD-9-CM chapter.",
+             plot_chapters(ordered, test)),
+            ("Age and sex",
+             ("Left: patients per age bin and sex (the strategies are conditioned one-to-one on "
+              "the test patients; the floor and baseline are not). Right: how well codes follow "
+              "demographics: JSD vs the real test patients of the same group."),
+             plot_age_sex(breakdown, order)),
+        ]
+    created = meta.get("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>synthehr evaluation: {html.escape(source)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Synthetic patients: evaluation report</h1>",
+        f"<p>Source: <b>{html.escape(source)}</b>"
+        + (f" &mdash; {html.escape(str(meta['source_citation']))}"
+           if meta.get("source_citation") else "")
+        + f". Created {html.escape(str(created))}.</p>",
+        ("<p class='small'>Protocol (DESIGN.md, Evaluation protocol): as many patients as the "
+        "test split, conditioned one-to-one on its patients' age and sex, compared with the "
+        "test split; privacy against the training split. <i>floor</i>: an equal-sized sample "
+        "of real training patients; <i>baseline</i>: visits and codes sampled independently "
+        "from training marginals. Both are computed in the same run. Green cells meet the "
+        "target, red ones miss it (shown for the references too, for context; the floor is "
+        "made of training patients, so its exact-copy rate is 100% and its DCR 0 by "
+        "construction). Hover a "
+         "metric for its definition; exact definitions are in <code>app/metrics.py</code>."
+         "</p>"),
+        "<h2>Metrics</h2>", _metrics_table_html(rows, targets),
+        "<h2>Run</h2>", _meta_html(meta),
+    ]
+    for title, caption, png in figures:
+        parts.append(f"<h2>{html.escape(title)}</h2><figure>"
+                     f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, rows: Mapping[str, Mapping[str, float]],
+                 cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
+                 train: Sequence[Patient] | None = None, meta: Mapping | None = None,
+                 targets: Sequence[Target] = PROTOCOL_TARGETS) -> dict[str, Path]:
+    """Write ``report.json``, ``report.html`` and ``report.md`` (the README table) into
+    ``out_dir``; returns their paths by kind (``json``, ``html``, ``md``).
+
+    ``meta`` should name the source (``source``, optionally ``source_citation``); split sizes
+    are added from ``test``/``train`` when absent.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    sizes = {"test": len(test)}
+    if train is not None:
+        sizes["train"] = len(train)
+    meta.setdefault("split_sizes", sizes)
+    paths = {"json": out / "report.json", "html": out / "report.html", "md": out / "report.md"}
+    paths["json"].write_text(json.dumps(report_json(rows, meta, targets), indent=2) + "\n")
+    paths["html"].write_text(render_html(rows, cohorts, test, meta, targets), encoding="utf-8")
+    source = meta.get("source", "unknown source")
+    citation = f" ({meta['source_citation']})" if meta.get("source_citation") else ""
+    paths["md"].write_text(f"Evaluation on {source}{citation}, test split "
+                           f"({len(test):,} patients), protocol of DESIGN.md.\n\n"
+                           + markdown_table(rows, targets=targets), encoding="utf-8")
+    return paths

@@ -1,0 +1,314 @@
+"""The trainer: corpus -> split -> vocabulary/co-occurrence (train only) -> model -> bundle.
+
+Per epoch it reports train loss, validation loss (training objective, fixed corruption seed)
+and validation per-code perplexity with the encoder given only the demographics (the way the
+service generates), early-stops on the validation NLL per token of that demographics-only
+reconstruction (structure tokens, END included), and writes ``checkpoint.pt`` in the output
+folder after every epoch so ``resume=True`` continues exactly where it stopped. Everything
+random is derived from ``train.seed`` and the epoch number, so a resumed run equals an
+uninterrupted one. The best epoch's weights go into the bundle; the test split is evaluated
+once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.cooccurrence import build_cooccurrence
+from app.corpus import Corpus, Patient
+from app.vocab import Vocabulary
+from training.bundle import corpus_hash, write_bundle
+from training.config import ObjectiveConfig, RunConfig
+from training.dataset import EncodedPatient, collate, encode_patients, length_batches
+from training.model import HierBart
+from training.objective import compute_loss, cooc_operator
+from training.splits import split_patients
+
+__all__ = ["TrainResult", "evaluate", "peak_rss_mb", "subsample", "train"]
+
+CHECKPOINT = "checkpoint.pt"
+EVAL_SEED = 20240917  # fixed code order / corruption for validation and test
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class TrainResult:
+    bundle_dir: Path
+    manifest: dict[str, Any]
+    history: list[dict[str, Any]]
+    model: HierBart
+
+
+@torch.no_grad()
+def evaluate(model: HierBart, patients: list[EncodedPatient], objective: ObjectiveConfig,
+             mode: str = "demographics", batch_size: int = 512, seed: int = EVAL_SEED,
+             cooc: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean NLL per token and per code, per-code perplexity, and the objective's loss.
+
+    ``mode``: ``demographics`` (encoder sees only age/sex), ``train`` (the training corruption,
+    seeded) or ``full`` (encoder sees the patient). Code order within visits is seeded.
+    """
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(seed)
+    nll = code_nll = loss = 0.0
+    n_tok = n_code = 0
+    lengths = [p.n_tokens for p in patients]
+    for idx in length_batches(lengths, batch_size, None):
+        batch = collate([patients[i] for i in idx], rng, objective, mode=mode)
+        out = compute_loss(model, batch, objective, cooc)
+        nll += out.nll_sum
+        code_nll += out.code_nll_sum
+        n_tok += out.n_tokens
+        n_code += out.n_codes
+        loss += float(out.loss) * out.n_tokens
+    model.train(was_training)
+    per_code = code_nll / max(n_code, 1)
+    return {"loss": loss / max(n_tok, 1), "nll_per_token": nll / max(n_tok, 1),
+            "nll_per_code": per_code, "ppl_code": math.exp(per_code),
+            "nll_per_structure_token": (nll - code_nll) / max(n_tok - n_code, 1),
+            "n_codes": n_code, "n_tokens": n_tok}
+
+
+def subsample(patients: list[Patient], n: int, seed: int) -> list[Patient]:
+    if n <= 0 or n >= len(patients):
+        return patients
+    keep = np.sort(np.random.default_rng(seed).choice(len(patients), size=n, replace=False))
+    return [patients[i] for i in keep]
+
+
+def _param_groups(model: HierBart, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim >= 2 and "embed" not in name:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def _log_default(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
+          data_info: dict[str, Any] | None = None, resume: bool = False,
+          progress: bool = True, log: Callable[[str], None] = _log_default,
+          export: bool = True, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train on ``corpus`` and write a bundle to ``out_dir`` (see the module docstring).
+
+    ``stop_after_epochs`` interrupts after that many epochs of this call without writing the
+    bundle (to test resuming).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    tc, oc = config.train, config.objective
+    torch.set_num_threads(max(1, tc.threads))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT
+
+    split = split_patients(corpus.patients)
+    train_patients = subsample(split.train, tc.max_train_patients, tc.seed)
+    if not train_patients or not split.val:
+        raise ValueError(f"corpus {corpus.source!r} is too small: {split.sizes()} patients "
+                         f"in train/val/test")
+    vocab = Vocabulary.from_patients(train_patients)
+    cooc = build_cooccurrence(train_patients, vocab)
+    cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
+    max_len = config.model.max_positions
+    enc_train = encode_patients(train_patients, vocab, max_len)
+    enc_val = encode_patients(split.val, vocab, max_len)
+    enc_test = encode_patients(split.test, vocab, max_len)
+    lengths = [p.n_tokens for p in enc_train]
+    log(f"data: {corpus.source}, split {split.sizes()}, training on {len(enc_train)} patients, "
+        f"vocabulary {vocab.n_codes} codes / {vocab.n_categories} categories")
+
+    torch.manual_seed(tc.seed)
+    model = HierBart(config.model, vocab)
+    log(f"model: {'hierarchical' if config.model.hierarchical else 'flat'}, "
+        f"{model.n_parameters():,} parameters, d={config.model.d_model}, "
+        f"{config.model.encoder_layers}+{config.model.decoder_layers} layers")
+    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
+    steps_per_epoch = math.ceil(len(enc_train) / tc.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(tc.warmup_steps, steps_per_epoch * tc.epochs))
+
+    history: list[dict[str, Any]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score, best_epoch, bad_epochs, start_epoch, elapsed_before = math.inf, -1, 0, 0, 0.0
+    stopped_by = "epochs"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if _comparable(ckpt["run_config"]) != _comparable(config.to_dict()):
+            raise ValueError(f"{ckpt_path}: checkpoint was written with a different config; "
+                             f"resume with the same options or start a new output folder")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best_state = ckpt["history"], ckpt["best_state"]
+        best_score, best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+        bad_epochs, start_epoch = ckpt["bad_epochs"], ckpt["epoch"] + 1
+        elapsed_before = ckpt.get("elapsed_s", 0.0)
+        stopped_by = ckpt.get("stopped_by") or "epochs"
+        log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+    elif resume:
+        log(f"no checkpoint in {out_dir}; starting from scratch")
+
+    epochs_run = 0
+    done = start_epoch >= tc.epochs or bad_epochs >= tc.patience
+    epoch = start_epoch
+    while not done:
+        epoch_start = time.perf_counter()
+        rng = np.random.default_rng([tc.seed, epoch])
+        torch.manual_seed(tc.seed * 100_003 + epoch)
+        model.train()
+        total, n_tok = 0.0, 0
+        code_nll, n_code = 0.0, 0
+        batches = list(length_batches(lengths, tc.batch_size, rng))
+        bar = _progress(batches, progress, f"epoch {epoch + 1}/{tc.epochs}")
+        for n_batches, idx in enumerate(bar, start=1):
+            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train")
+            out = compute_loss(model, batch, oc, cooc_t)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total += float(out.loss.detach()) * out.n_tokens
+            n_tok += out.n_tokens
+            code_nll += out.code_nll_sum
+            n_code += out.n_codes
+            if hasattr(bar, "set_postfix") and n_batches % 20 == 0:
+                bar.set_postfix(loss=f"{total / n_tok:.3f}")
+        val_obj = evaluate(model, enc_val, oc, "train", tc.eval_batch_size, cooc=cooc_t)
+        val_gen = evaluate(model, enc_val, oc, "demographics", tc.eval_batch_size)
+        score = val_gen["nll_per_code"] if tc.monitor == "nll_per_code" else \
+            val_gen["nll_per_token"]
+        improved = not math.isfinite(best_score) or \
+            score < best_score - tc.min_delta * abs(best_score)
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        record = {"epoch": epoch + 1, "train_loss": total / max(n_tok, 1),
+                  "train_ppl_code": math.exp(code_nll / max(n_code, 1)),
+                  "val_loss": val_obj["loss"], "val_ppl_code_corrupted": val_obj["ppl_code"],
+                  "val_nll_per_token": val_gen["nll_per_token"],
+                  "val_ppl_code": val_gen["ppl_code"],
+                  "val_nll_structure": val_gen["nll_per_structure_token"],
+                  "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.perf_counter() - epoch_start, "best": improved}
+        history.append(record)
+        log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} (ppl/code "
+            f"{record['train_ppl_code']:.2f}) | val loss {record['val_loss']:.4f} | val from "
+            f"demographics: nll/token {val_gen['nll_per_token']:.4f}, ppl/code "
+            f"{record['val_ppl_code']:.2f}"
+            f"{' *' if improved else ''} | {record['seconds']:.0f}s")
+        epochs_run += 1
+        elapsed = elapsed_before + time.perf_counter() - started
+        if bad_epochs >= tc.patience:
+            stopped_by, done = "early_stopping", True
+        elif epoch + 1 >= tc.epochs:
+            stopped_by, done = "epochs", True
+        elif tc.max_minutes > 0 and elapsed / 60 >= tc.max_minutes:
+            stopped_by, done = "time_budget", True
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": history,
+                    "best_state": best_state, "best_score": best_score,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch": epoch,
+                    "run_config": config.to_dict(), "elapsed_s": elapsed,
+                    "stopped_by": stopped_by if done else None}, ckpt_path)
+        epoch += 1
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs and not done:
+            log(f"interrupted after epoch {epoch} (checkpoint kept)")
+            return TrainResult(out_dir, {}, history, model)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    test_gen = evaluate(model, enc_test, oc, "demographics", tc.eval_batch_size)
+    test_full = evaluate(model, enc_test, oc, "full", tc.eval_batch_size)
+    wall = elapsed_before + time.perf_counter() - started
+    metrics = {
+        "best_epoch": best_epoch + 1, "epochs_run": len(history), "stopped_by": stopped_by,
+        "history": history,
+        "val": {"nll_per_token": best_score, "ppl_code": history[best_epoch]["val_ppl_code"]
+                if 0 <= best_epoch < len(history) else None},
+        "test": {"ppl_code_from_demographics": test_gen["ppl_code"],
+                 "nll_per_token_from_demographics": test_gen["nll_per_token"],
+                 "ppl_code_from_full_patient": test_full["ppl_code"],
+                 "n_codes": test_gen["n_codes"]},
+        "wall_seconds": wall, "peak_rss_mb": peak_rss_mb(), "threads": tc.threads,
+    }
+    data = {"source": corpus.source, "content_hash": corpus_hash(corpus.patients),
+            "n_patients": len(corpus.patients), "dropped": dict(corpus.drops.counts),
+            **(data_info or {})}
+    sizes = split.sizes()
+    sizes["train_used"] = len(train_patients)
+    manifest = write_bundle(out_dir, model=model, vocab=vocab, cooccurrence=cooc,
+                            train_patients=train_patients, run_config=config.to_dict(),
+                            data=data, splits=sizes, metrics=metrics)
+    log(f"test per-code perplexity from demographics {test_gen['ppl_code']:.2f} "
+        f"(full patient in the encoder: {test_full['ppl_code']:.2f}); bundle written to "
+        f"{out_dir} in {wall / 60:.1f} min, peak RSS {metrics['peak_rss_mb']:.0f} MiB")
+    if export:
+        manifest = _maybe_export(model, out_dir, log) or manifest
+    ckpt_path.unlink(missing_ok=True)
+    return TrainResult(out_dir, manifest, history, model)
+
+
+def _comparable(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a run config that must match to resume (threads, budget may change)."""
+    train_part = {k: v for k, v in run_config["train"].items()
+                  if k not in ("threads", "max_minutes", "eval_batch_size")}
+    return {**run_config, "train": train_part}
+
+
+def _maybe_export(model: HierBart, out_dir: Path, log: Callable[[str], None]):
+    """Call ``training.export.export_onnx(model, bundle_dir)`` when that module exists."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("training.export") is None:
+        return None
+    module = importlib.import_module("training.export")
+    fn = getattr(module, "export_onnx", None)
+    if fn is None:
+        return None
+    log("exporting ONNX graphs (training.export.export_onnx)")
+    fn(model, out_dir)
+    from app.bundle import read_manifest
+    return read_manifest(out_dir)
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
