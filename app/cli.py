@@ -64,17 +64,24 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
 
 @data_app.command("stats")
 def data_stats(
-    path: Annotated[Path, typer.Argument(help="Folder (MIMIC, eICU) or file (UCI, generic).")],
+    path: Annotated[Path | None, typer.Argument(
+        help="Folder (MIMIC, eICU) or file (UCI, generic); omit with --preset.")] = None,
     source: Annotated[str, typer.Option(help="mimic3, mimic4, eicu, uci or generic.")] = "generic",
+    preset: Annotated[str | None, typer.Option(
+        help="Describe a simulated corpus instead: demo or mimic3-scale.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
 ) -> None:
     """Load a source and print patients, visits, codes, demographics and drops by reason."""
-    from training.loaders import DataError, load_corpus
+    from training.cli_train import load_training_corpus
+    from training.loaders import DataError
 
+    if (path is None) == (preset is None):
+        raise fail("give a PATH (with --source) or --preset, not both")
     try:
-        corpus = load_corpus(source, path)
+        corpus = load_training_corpus(None if preset else source, path, preset, seed)
     except (DataError, ValueError) as err:
         raise fail(str(err)) from None
-    print_corpus_report(corpus, f"{source}: {path}")
+    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}")
 
 
 def _parse_value(text: str):
@@ -229,7 +236,219 @@ def data_simulate(
                   f"simulated in {simulated.build_seconds:.1f} s", highlight=False)
 
 
+# -- evaluation (the protocol of DESIGN.md, "Evaluation protocol") ----------------------------
+
+DEFAULT_EVAL_STRATEGIES = "plain,cooccurrence,rerank,retrieve_edit"
+
+
+def _eval_strategies(text: str) -> list[str]:
+    from app.decoding.params import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise fail("--strategies is empty; choose from " + ", ".join(STRATEGIES))
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise fail(f"unknown strategy {', '.join(repr(s) for s in unknown)}; choose from "
+                   f"{', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
+def _eval_params(text: str | None, strategies: list[str]) -> dict[str, dict]:
+    """``--params``: JSON object strategy -> parameters, each validated now (not mid-run)."""
+    import json
+
+    from app.decoding.errors import InvalidParametersError
+    from app.decoding.params import parse_params
+
+    if not text:
+        return {}
+    try:
+        given = json.loads(text)
+    except ValueError as err:
+        raise fail(f"--params is not valid JSON: {err}") from None
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise fail('--params wants a JSON object of strategy -> parameters, e.g. '
+                   '\'{"rerank": {"candidates": 4}}\'')
+    extra = [s for s in given if s not in strategies]
+    if extra:
+        raise fail(f"--params names {', '.join(map(repr, extra))}, which is not among "
+                   f"--strategies ({', '.join(strategies)})")
+    try:
+        for strategy, values in given.items():
+            parse_params(strategy, values)
+    except InvalidParametersError as err:
+        raise fail(str(err)) from None
+    return given
+
+
+def load_bundle_corpus(manifest: dict, bundle: Path, data: Path | None):
+    """The corpus a bundle was trained on, reloaded as its manifest records it (``data.preset``:
+    re-simulated with the training seed; else ``data.source`` from ``data.path`` or ``data``),
+    checked against the recorded content hash. Raises ``typer.Exit`` with a clear message."""
+    info = manifest.get("data") or {}
+    source = info.get("source")
+    preset = info.get("preset")
+    if preset and data is None:
+        from training.simulate import PRESETS, simulate_corpus
+
+        if preset not in PRESETS:
+            raise fail(f"bundle {bundle}: unknown simulation preset {preset!r}")
+        seed = int(((manifest.get("run_config") or {}).get("train") or {}).get("seed") or 0)
+        corpus = simulate_corpus(preset, seed=seed).corpus
+        where = f"simulated:{preset} (seed {seed})"
+    else:
+        from training.loaders import DataError, load_corpus
+
+        if preset:  # a simulated corpus written out with `synthehr data simulate`
+            source = "generic"
+        path = data if data is not None else info.get("path")
+        if not source:
+            raise fail(f"bundle {bundle}: manifest.json records no data source")
+        if path is None:
+            raise fail(f"bundle {bundle}: manifest.json records no data path; pass --data")
+        path = Path(path)
+        if not path.exists():
+            recorded = "given with --data" if data is not None else "recorded in the manifest"
+            raise fail(f"data not found: {path} ({recorded}, source {source}); pass --data "
+                       f"with the {source} data the bundle was trained on")
+        try:
+            corpus = load_corpus(source, path)
+        except (DataError, ValueError, OSError) as err:
+            raise fail(f"cannot load {source} data from {path}: {err}") from None
+        where = f"{source}: {path}"
+    expected = info.get("content_hash")
+    if expected:
+        from training.bundle import corpus_hash
+
+        actual = corpus_hash(corpus.patients)
+        if actual != expected:
+            raise fail(f"the data changed since bundle {bundle} was trained: {where} has "
+                       f"content hash {actual[:12]}..., the manifest records "
+                       f"{expected[:12]}... ({len(corpus.patients):,} patients now, "
+                       f"{info.get('n_patients', '?')} then); evaluate on the same data")
+    return corpus, where
+
+
+@app.command("evaluate")
+def evaluate_command(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder, e.g. models/NAME.")],
+    strategies: Annotated[str, typer.Option(
+        help="Comma-separated decoding strategies.")] = DEFAULT_EVAL_STRATEGIES,
+    data: Annotated[Path | None, typer.Option(
+        help="Data folder or file (default: the path recorded in the manifest).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Report folder (default: reports/<bundle name>).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the run (generation, floor, "
+                                           "baseline, MIA sample).")] = 0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads.")] = 1,
+    mia_size: Annotated[int | None, typer.Option(
+        help="Members and non-members of the membership-inference attack (default: as many "
+             "as the test split).")] = None,
+    params: Annotated[str | None, typer.Option(
+        help='Decoding parameters per strategy as JSON, e.g. \'{"rerank": {"candidates": '
+             '4}}\'.')] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 64,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run the evaluation protocol on a bundle's test split and write report.json/html/md."""
+    import os
+    import time
+
+    from app.bundle import BundleError, read_manifest
+
+    names = _eval_strategies(strategies)
+    strategy_params = _eval_params(params, names)
+    if threads < 1:
+        raise fail("--threads must be at least 1")
+    if not bundle.exists():
+        raise fail(f"bundle not found: {bundle}")
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as err:
+        raise fail(str(err)) from None
+    started = time.perf_counter()
+    corpus, where = load_bundle_corpus(manifest, bundle, data)
+
+    from training.evaluate import run_protocol
+    from training.splits import split_patients
+
+    split = split_patients(corpus.patients)
+    recorded = manifest.get("splits") or {}
+    sizes = split.sizes()
+    changed = {k: (recorded[k], v) for k, v in sizes.items() if k in recorded
+               and int(recorded[k]) != v}
+    if changed:
+        raise fail("the split differs from the bundle's: " + ", ".join(
+            f"{k} {new:,} now vs {old:,} in the manifest" for k, (old, new) in changed.items())
+            + "; evaluate on the data the bundle was trained on")
+    # The patients the model saw (a smoke run may train on a seed-determined subsample,
+    # training.trainer.subsample): members for the privacy metrics, pool of the floor.
+    train = split.train
+    used = int(recorded.get("train_used", len(train)) or len(train))
+    if 0 < used < len(train):
+        import numpy as np
+
+        train_seed = int(((manifest.get("run_config") or {}).get("train") or {})
+                         .get("seed") or 0)
+        keep = np.sort(np.random.default_rng(train_seed).choice(len(train), size=used,
+                                                                replace=False))
+        train = [train[i] for i in keep]
+    try:
+        from app.decoding.engine import Engine
+
+        engine = Engine.from_bundle(bundle, intra_op_threads=threads, batch_size=batch_size)
+    except (BundleError, OSError, RuntimeError, ValueError) as err:
+        raise fail(f"cannot load bundle {bundle}: {err}") from None
+    if "retrieve_edit" in names and engine.retrieval is None:
+        raise fail(f"bundle {bundle} has no retrieval index (train_index.json.gz): drop "
+                   "retrieve_edit from --strategies")
+
+    def generate(strategy, demographics, seed, *, validity_mask=True):
+        return engine.generate(demographics, strategy, params=strategy_params.get(strategy),
+                               seed=seed, validity_mask=validity_mask).patients
+
+    name = manifest.get("name") or bundle.name
+    out_dir = out if out is not None else Path("reports") / bundle.resolve().name
+    info = manifest.get("data") or {}
+    meta = {"source": info.get("source"), "bundle": str(bundle), "bundle_name": name,
+            "bundle_created": manifest.get("created_at"), "data": where,
+            "content_hash": info.get("content_hash"),
+            "split_sizes": {"train": len(split.train), "val": len(split.val),
+                            "test": len(split.test), "train_used": len(train)},
+            "params": {s: strategy_params.get(s, {}) for s in names},
+            "threads": threads, "batch_size": batch_size, "mia_size": mia_size,
+            "cpus": os.cpu_count()}
+    console.print(f"evaluating {bundle} on {where}: test {len(split.test):,} patients, "
+                  f"train {len(train):,}; strategies {', '.join(names)}", highlight=False)
+    from app.decoding.errors import InvalidParametersError, PrivacyGuardError
+
+    try:
+        result = run_protocol(split.test, train, generate_fn=generate, strategies=names,
+                              out_dir=out_dir, meta=meta, seed=seed, mia_size=mia_size,
+                              console=console, progress=progress)
+    except (InvalidParametersError, PrivacyGuardError) as err:
+        raise fail(str(err)) from None
+    console.print(f"wrote {', '.join(str(p) for p in result.paths.values())} in "
+                  f"{time.perf_counter() - started:.0f} s", highlight=False)
+
+
 # -- serving (no torch: these work in the serving image) ---------------------------------------
+
+def _service_settings(bundle: Path | None, redis_url: str | None):
+    """Settings from the environment with the command line's options on top; logging set up."""
+    from app.service.logs import configure_logging
+    from app.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if bundle is not None:
+        overrides["bundle"] = bundle
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.json_logs)
+    return settings
+
 
 @app.command("serve")
 def serve_command(
@@ -245,16 +464,8 @@ def serve_command(
     import uvicorn
 
     from app.service.api import create_app
-    from app.service.logs import configure_logging
-    from app.settings import Settings
 
-    overrides = {}
-    if bundle is not None:
-        overrides["bundle"] = bundle
-    if redis_url is not None:
-        overrides["redis_url"] = redis_url
-    settings = Settings(**overrides)
-    configure_logging(settings.log_level, settings.json_logs)
+    settings = _service_settings(bundle, redis_url)
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
                 log_level=settings.log_level.lower(), access_log=False)
 
@@ -271,18 +482,10 @@ def worker_command(
     import threading
 
     from app.service.generation import load_generator
-    from app.service.logs import configure_logging
     from app.service.store import RedisStore
     from app.service.worker import Worker
-    from app.settings import Settings
 
-    overrides = {}
-    if bundle is not None:
-        overrides["bundle"] = bundle
-    if redis_url is not None:
-        overrides["redis_url"] = redis_url
-    settings = Settings(**overrides)
-    configure_logging(settings.log_level, settings.json_logs)
+    settings = _service_settings(bundle, redis_url)
     if not settings.redis_url:
         raise fail("the worker needs a Redis job store: set REDIS_URL (without one, "
                    "`synthehr serve` runs its own in-process worker)")

@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     ort_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session.")
     inference_threads: int = Field(2, ge=1, description="Concurrent generate() calls in the API.")
     generation_batch: int = Field(64, ge=1, description="Patients per engine call in jobs.")
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=1000,
+        description="POST /v1/patients micro-batching: while the engine is busy, concurrent "
+                    "requests of equal strategy, params and validity flag wait up to this long "
+                    "to share one engine call (outputs are unchanged; a request that finds the "
+                    "engine idle runs at once); 0 turns batching off.")
+    max_batch_patients: int = Field(64, ge=1, le=10_000,
+                                    description="Patients in one micro-batched engine call.")
+    batch_concurrency: int = Field(
+        1, ge=1, description="Micro-batches decoded at once (at most inference_threads). The "
+                             "decoding loop is mostly GIL-bound Python/numpy: one batch at a time "
+                             "gave bigger batches and ~30% more requests/s than two on 2 cores "
+                             "(bench/load_results.md).")
 
     # -- logs -------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Python logging level.")

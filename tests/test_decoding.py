@@ -135,7 +135,9 @@ def test_grammar_and_mask_hold_over_thousands_of_untrained_samples(world, limits
     ("plain", {"temperature": 2.0, "top_p": 0.7}),
     ("cooccurrence", {"alpha": 3.0}),
     ("cooccurrence", {"alpha": 1.0, "keep_visit_length": False, "top_p": 0.9}),
+    ("cooccurrence", {"alpha": 3.0, "normalize": True}),
     ("rerank", {"candidates": 4}),
+    ("rerank", {"candidates": 4, "selection": "argmax"}),
     ("retrieve_edit", {"keep_fraction": 0.7, "min_distance": 0.0}),
 ])
 def test_every_strategy_keeps_structure_and_validity(world, strategy, params) -> None:
@@ -225,7 +227,22 @@ def test_cooccurrence_raises_the_cooccurrence_score(world) -> None:
     assert abs(np.mean(lengths_biased) - np.mean(lengths)) < 0.5
 
 
-def test_rerank_keeps_the_best_candidate(world) -> None:
+def test_cooccurrence_normalize_sums_conditional_frequencies(world) -> None:
+    from app.decoding.strategies import CooccurrenceBias
+
+    stats = world[2]
+    width = stats.code_counts.size + stats.n_special
+    codes = np.flatnonzero(np.diff(stats.indptr) > 0)[:2]
+    bias = CooccurrenceBias(stats, 1, width, 0.5, normalize=True)
+    for c in codes:
+        bias.add(np.array([0]), np.array([c + stats.n_special]))
+    dense = stats.matrix.toarray()
+    expected = sum(dense[c] / max(stats.code_counts[c], 1.0) for c in codes)
+    np.testing.assert_allclose(bias.bias[0, stats.n_special:], 0.5 * np.log1p(expected),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_rerank_tilts_toward_coherence_and_argmax_seeks_the_mode(world) -> None:
     stats = world[2]
     engine = _engine(world)
     demo = _demographics(300)
@@ -237,11 +254,19 @@ def test_rerank_keeps_the_best_candidate(world) -> None:
     # One candidate is plain sampling (candidate 0 shares plain's random stream).
     single = engine.generate(demo, "rerank", {"candidates": 1}, seed=9)
     assert single.token_ids == plain.token_ids
-    # Without coherence, rerank maximises the per-token log-likelihood among candidates.
-    by_ll = engine.generate(demo, "rerank", {"candidates": 6, "coherence_weight": 0.0}, seed=9)
+    # With selection "argmax" and no coherence, rerank maximises the per-token log-likelihood
+    # among candidates (mode seeking); the default "sample" with weight 0 draws a candidate
+    # uniformly, so it keeps the model's distribution and does not climb toward the mode.
+    by_ll = engine.generate(demo, "rerank", {"candidates": 6, "coherence_weight": 0.0,
+                                             "selection": "argmax"}, seed=9)
+    uniform = engine.generate(demo, "rerank", {"candidates": 6, "coherence_weight": 0.0}, seed=9)
     per_token = lambda r: np.mean(
         [ll / (len(t) - 1) for ll, t in zip(r.log_likelihood, r.token_ids, strict=True)])
     assert per_token(by_ll) > per_token(plain)
+    assert per_token(by_ll) > per_token(uniform)
+    assert uniform.token_ids != plain.token_ids  # not always candidate 0
+    assert engine.generate(demo, "rerank", {"candidates": 6, "coherence_weight": 0.0},
+                           seed=9).token_ids == uniform.token_ids
 
 
 def test_retrieve_edit_never_returns_a_training_patient(world) -> None:

@@ -192,3 +192,13 @@ def test_cli_data_stats_prints_counts_and_drops(shared_data: Path, tmp_path: Pat
     result = runner.invoke(app, ["data", "stats", str(path)])
     assert result.exit_code == 2
     assert "missing column(s) visit_id, age, sex" in result.output
+
+
+def test_cli_data_stats_on_a_preset() -> None:
+    result = runner.invoke(app, ["data", "stats", "--preset", "demo"])
+    assert result.exit_code == 0, result.output
+    assert "2,000" in result.output and "distinct codes" in result.output
+    result = runner.invoke(app, ["data", "stats", "--preset", "nope"])
+    assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+    result = runner.invoke(app, ["data", "stats"])
+    assert result.exit_code == 2 and "give a PATH" in result.output

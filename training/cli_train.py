@@ -12,7 +12,8 @@ __all__ = ["default_run_config", "load_training_corpus", "run_train"]
 # Defaults that depend on the corpus (the rest comes from the dataclass defaults).
 CORPUS_DEFAULTS: dict[str, dict[str, Any]] = {
     # UCI: ~57k short patients (<= 3 codes per visit).
-    "uci": {"train.batch_size": 256, "train.epochs": 6, "train.patience": 2,
+    "uci": {"train.batch_size": 256, "train.epochs": 30, "train.patience": 2,
+            "train.max_minutes": 45,
             "model.ffn_dim": 256, "model.max_positions": 64},
     # The demo preset: 2,000 patients; must build in under 3 minutes on 2 cores.
     "simulated:demo": {"train.epochs": 8, "train.batch_size": 64, "train.patience": 2,

@@ -298,6 +298,23 @@ class HierBart(nn.Module):
                 + cat_lp.gather(-1, self.code_category.expand_as(code_lp)) + code_lp)
         return torch.cat([top[..., :c.n_special], full], dim=-1)
 
+    def level_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The hierarchical head before its segment normalisation (for export).
+
+        ``(top_log_probs [..., n_special + n_chapters], category_logits [..., n_categories],
+        code_logits [..., n_codes])``: the same terms :meth:`output_log_probs` combines;
+        :class:`app.decoding.hier_head.HierarchicalHead` finishes them in numpy.
+        """
+        c = self.config
+        if not c.hierarchical:
+            raise ValueError("level_logits needs a hierarchical model")
+        top_weight = torch.cat([self.token_embed.weight[:c.n_special],
+                                self.chapter_embed.weight[:c.n_chapters]], dim=0)
+        top = torch.log_softmax(h @ top_weight.T + self.top_bias + self.output_mask, dim=-1)
+        cat_logits = h @ self.category_embed.weight[:c.n_categories].T + self.category_bias
+        code_logits = h @ self.token_embed.weight[c.n_special:].T + self.code_bias
+        return top, cat_logits, code_logits
+
     def decode(self, decoder_input_ids: torch.Tensor, age: torch.Tensor, sex: torch.Tensor,
                encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor,
                past_key_values: PastKeyValues | None = None,

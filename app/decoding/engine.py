@@ -24,6 +24,10 @@ Request semantics:
   engine, request and seed give byte-identical output (:meth:`GenerationResult.to_json`)
   whatever the batch size, for any model whose rows do not interact (ONNX Runtime kernels may
   round differently at a different batch size; the engine's batch size is fixed by its config).
+* ``row_seeds`` / ``row_indices`` (optional, one per patient): row ``r`` is decoded as patient
+  ``row_indices[r]`` of a request with seed ``row_seeds[r]``, so rows of several requests can
+  share one batch (the service's micro-batcher) and each row gets exactly the output it would
+  get in its own request. Defaults: ``seed`` for every row, indices ``0..n-1`` (the plain call).
 """
 
 from __future__ import annotations
@@ -136,20 +140,25 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, bundle: Any, intra_op_threads: int = 1, batch_size: int = 64,
-                    **overrides: Any) -> Engine:
+                    quantize: bool = False, **overrides: Any) -> Engine:
         """The engine over a bundle's ONNX graphs (:class:`app.bundle.Bundle` or its folder).
 
         Limits come from the bundle: ``max_length`` from the model's positions, the visit and
         code caps from the training split's largest patient and visit; the retrieval index is
-        built from ``train_index.json.gz`` where the bundle has one.
+        built from ``train_index.json.gz`` where the bundle has one. ``quantize``: run the
+        int8 decoders (the bundle's ``*.int8.onnx``, or quantized on load where it has none).
         """
         from app.bundle import load_bundle
-        from app.decoding.onnx_model import GRAPHS, OnnxStepModel
+        from app.decoding.onnx_model import GRAPHS, INT8_GRAPHS, OnnxStepModel
 
         if not hasattr(bundle, "vocab"):
             bundle = load_bundle(bundle)
         for name in GRAPHS:
             bundle.file(name)  # BundleError naming the missing graph
+        if quantize:
+            for name in INT8_GRAPHS.values():
+                if bundle.has_file(name):
+                    bundle.file(name)  # checksum verified where the bundle registers it
         vocab = bundle.vocab
         stats = bundle.reference_stats or {}
         cooc = CooccurrenceStats.from_vocab(bundle.cooccurrence, vocab, stats.get("n_visits"))
@@ -164,7 +173,7 @@ class Engine:
                                        default=40),
             "batch_size": batch_size}
         options.update(overrides)
-        model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads)
+        model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
 
     # -- request checking ---------------------------------------------------------------------
@@ -260,7 +269,9 @@ class Engine:
     def generate(self, demographics: Sequence[Any], strategy: str = "plain",
                  params: PlainParams | dict[str, Any] | None = None, seed: int = 0,
                  must_include: Any = None, validity_mask: bool = True,
-                 batch_size: int | None = None, id_prefix: str = "synthetic") -> GenerationResult:
+                 batch_size: int | None = None, id_prefix: str = "synthetic",
+                 row_seeds: Sequence[int] | None = None,
+                 row_indices: Sequence[int] | None = None) -> GenerationResult:
         """Generate one patient per entry of ``demographics`` (see the module docstring)."""
         started = time.perf_counter()
         self.model_seconds = 0.0
@@ -277,32 +288,32 @@ class Engine:
         if validity_mask:
             self._check_some_code_valid(ages, sex_ids)
         n = len(sexes)
-        index = np.arange(n)
+        seeds, index = self._row_keys_of(n, seed, row_seeds, row_indices)
         attempts = None
         if isinstance(parsed, RerankParams):
             if parsed.coherence_weight > 0 and self.cooccurrence is None:
                 raise InvalidParametersError(
                     "rerank: coherence_weight > 0 needs the bundle's co-occurrence matrix")
-            tokens, loglik = self._rerank(index, ages, sex_ids, required, seed, parsed,
+            tokens, loglik = self._rerank(index, ages, sex_ids, required, seeds, parsed,
                                           grammar, validity_mask, batch)
         elif isinstance(parsed, RetrieveEditParams):
             if self.retrieval is None:
                 raise InvalidParametersError(
                     "retrieve_edit: this bundle has no retrieval index of training patients")
             tokens, loglik, attempts = self._retrieve_edit(
-                index, ages, sex_ids, required, seed, parsed, grammar, validity_mask, batch)
+                index, ages, sex_ids, required, seeds, parsed, grammar, validity_mask, batch)
         else:
             if isinstance(parsed, CooccurrenceParams) and parsed.alpha > 0 \
                     and self.cooccurrence is None:
                 raise InvalidParametersError(
                     "cooccurrence: this bundle has no co-occurrence matrix")
             prompts = [empty_prompt(self.vocab)] * n
-            keys = row_keys(seed, index, 0)
+            keys = row_keys(_key_seeds(seeds), index, 0)
             chunk = self._decode(prompts, ages, sex_ids, keys, required, parsed, grammar,
                                  validity_mask, batch)
             tokens, loglik = chunk.tokens, chunk.loglik
         token_lists = [self._trim(row) for row in tokens]
-        patients = [Patient(f"{id_prefix}-{seed}-{i}", float(ages[i]), sexes[i],
+        patients = [Patient(f"{id_prefix}-{seeds[i]}-{index[i]}", float(ages[i]), sexes[i],
                             self._visits(t)) for i, t in enumerate(token_lists)]
         total = time.perf_counter() - started
         return GenerationResult(
@@ -310,6 +321,33 @@ class Engine:
             log_likelihood=[float(x) for x in loglik], strategy=strategy,
             params=parsed.model_dump(), seed=seed, attempts=attempts,
             stats={"seconds": total, "model_seconds": self.model_seconds})
+
+    @staticmethod
+    def _row_keys_of(n: int, seed: int, row_seeds: Sequence[int] | None,
+                     row_indices: Sequence[int] | None) -> tuple[list[int], np.ndarray]:
+        """Per row: the request seed (Python ints) and the patient index within its request."""
+        if row_seeds is None:
+            seeds = [seed] * n
+        else:
+            seeds = list(row_seeds)
+            if len(seeds) != n:
+                raise InvalidParametersError(
+                    f"row_seeds: one seed per patient ({n}), got {len(seeds)}")
+            for r, s in enumerate(seeds):
+                if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0:
+                    raise InvalidParametersError(
+                        f"row_seeds[{r}]: must be a non-negative integer, got {s!r}")
+            seeds = [int(s) for s in seeds]
+        if row_indices is None:
+            index = np.arange(n)
+        else:
+            index = np.asarray(list(row_indices), dtype=np.int64).reshape(-1)
+            if index.size != n:
+                raise InvalidParametersError(
+                    f"row_indices: one index per patient ({n}), got {index.size}")
+            if n and index.min() < 0:
+                raise InvalidParametersError("row_indices: must be non-negative")
+        return seeds, index
 
     def _check_some_code_valid(self, ages: np.ndarray, sex_ids: np.ndarray) -> None:
         groups = sorted({(int(a), int(s)) for a, s in zip(ages, sex_ids, strict=True)})
@@ -397,7 +435,8 @@ class Engine:
             req[row, list(required[patient])] = True
         gstate = grammar.initial(req)
         alpha = params.alpha if isinstance(params, CooccurrenceParams) else 0.0
-        bias = (CooccurrenceBias(self.cooccurrence, rows, vocab_size, alpha)
+        bias = (CooccurrenceBias(self.cooccurrence, rows, vocab_size, alpha,
+                                 bool(getattr(params, "normalize", False)))
                 if alpha > 0 else None)
         keep_length = bool(getattr(params, "keep_visit_length", True))
         length = grammar.max_length
@@ -448,21 +487,34 @@ class Engine:
 
     # -- rerank -------------------------------------------------------------------------------
     def _rerank(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
-                required: list[list[int]], seed: int, params: RerankParams, grammar: Grammar,
-                validity_mask: bool, batch: int) -> tuple[np.ndarray, np.ndarray]:
+                required: list[list[int]], seeds: list[int], params: RerankParams,
+                grammar: Grammar, validity_mask: bool,
+                batch: int) -> tuple[np.ndarray, np.ndarray]:
         k = params.candidates
         n = index.size
         prompts = [empty_prompt(self.vocab)] * n
-        keys = row_keys(seed, np.repeat(index, k), np.tile(np.arange(k), n))
+        keys = row_keys(np.repeat(_key_seeds(seeds), k), np.repeat(index, k),
+                        np.tile(np.arange(k), n))
         chunk = self._decode(prompts, ages, sex_ids, keys, required, params, grammar,
                              validity_mask, batch, repeat=k)
-        ll = chunk.loglik / np.maximum(chunk.n_tokens, 1) if params.per_token else chunk.loglik
-        score = ll.copy()
+        coherence = np.zeros(n * k)
         if params.coherence_weight > 0:
             coherence = self.cooccurrence.coherence_many(
                 [self._code_ids(self._trim(r)) for r in chunk.tokens])
-            score = score + params.coherence_weight * coherence
-        best = np.argmax(score.reshape(n, k), axis=1) + np.arange(n) * k
+        if params.selection == "argmax":
+            ll = (chunk.loglik / np.maximum(chunk.n_tokens, 1) if params.per_token
+                  else chunk.loglik)
+            score = ll + params.coherence_weight * coherence
+            best = np.argmax(score.reshape(n, k), axis=1)
+        else:
+            # Importance resampling: the candidates are model samples, so drawing one with
+            # weight exp(w * coherence) targets p(x) exp(w * coherence(x)), not p's mode.
+            logw = (params.coherence_weight * coherence).reshape(n, k)
+            w = np.exp(logw - logw.max(axis=1, keepdims=True))
+            cdf = np.cumsum(w, axis=1)
+            u = uniforms(row_keys(_key_seeds(seeds), index, _RERANK_STREAM), 0)
+            best = np.minimum(np.argmax(cdf > (u * cdf[:, -1])[:, None], axis=1), k - 1)
+        best = best + np.arange(n) * k
         return chunk.tokens[best], chunk.loglik[best]
 
     # -- retrieve and edit --------------------------------------------------------------------
@@ -491,20 +543,21 @@ class Engine:
         return prompt_ids(self.vocab, shown)
 
     def _retrieve_edit(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
-                       required: list[list[int]], seed: int, params: RetrieveEditParams,
+                       required: list[list[int]], seeds: list[int], params: RetrieveEditParams,
                        grammar: Grammar, validity_mask: bool,
                        batch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
         assert self.retrieval is not None
         n = index.size
+        key_seeds = _key_seeds(seeds)
         tokens = np.zeros((n, grammar.max_length), dtype=np.int64)
         loglik = np.zeros(n, dtype=np.float64)
         attempts = [0] * n
-        pending = index.copy()
+        pending = np.arange(n)  # positions in the request; index[pending]: key indices
         for attempt in range(params.max_retries + 1):
             last = attempt == params.max_retries and attempt > 0
-            prompts = [self._edit_prompt(int(i), float(ages[i]), int(sex_ids[i]), seed, attempt,
-                                         params, last) for i in pending]
-            keys = row_keys(seed, pending, attempt)
+            prompts = [self._edit_prompt(int(index[i]), float(ages[i]), int(sex_ids[i]),
+                                         seeds[i], attempt, params, last) for i in pending]
+            keys = row_keys(key_seeds[pending], index[pending], attempt)
             chunk = self._decode(prompts, ages[pending], sex_ids[pending], keys,
                                  [required[i] for i in pending], params, grammar,
                                  validity_mask, batch)
@@ -522,10 +575,18 @@ class Engine:
             if pending.size == 0:
                 return tokens, loglik, attempts
         raise PrivacyGuardError(
-            f"retrieve_edit: {pending.size} patient(s) (first: index {int(pending[0])}) stayed "
+            f"retrieve_edit: {pending.size} patient(s) (first: index {int(index[pending[0]])}) stayed "
             f"within Jaccard distance {params.min_distance} of a training patient after "
             f"{params.max_retries + 1} tries; lower keep_fraction or min_distance, or raise "
             "max_retries")
+
+
+_RERANK_STREAM = 0x52455241  # the selection draw's stream (candidates use streams 0..k-1)
+
+
+def _key_seeds(seeds: Sequence[int]) -> np.ndarray:
+    """Request seeds as the ``uint64`` row keys take them (the low 64 bits)."""
+    return np.asarray([s & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
 
 
 def _biased(logp: np.ndarray, bias: np.ndarray, allowed: np.ndarray,

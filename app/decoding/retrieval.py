@@ -3,9 +3,10 @@
 The index holds, for every training patient, sex, age and visits as code ids (codes outside
 the vocabulary dropped), sorted by (sex, age) for nearest-age lookup, a set of exact
 signatures (visits in order, codes sorted inside each) and a sparse patients x codes incidence
-matrix. The guard rejects a candidate that equals a training patient visit for visit, or whose
-code set lies within a Jaccard distance ``min_distance`` of any training patient's; the nearest
-distance comes from one sparse product (only training patients sharing a code are touched).
+matrix. The guard always rejects a candidate that equals a training patient visit for visit
+(its own retrieved source included), and, where ``min_distance`` > 0, one whose code set lies
+within that Jaccard distance of any training patient's; the nearest distance comes from one
+sparse product (only training patients sharing a code are touched).
 
 On disk (a bundle's ``retrieval.npz``): ``sex`` int8, ``age`` float32, ``patient_ptr`` (patients
 -> visits), ``visit_ptr`` (visits -> codes) and ``codes`` (int32 code ids).

@@ -25,11 +25,20 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def row_keys(seed: int, index: np.ndarray, stream: np.ndarray | int = 0) -> np.ndarray:
-    """One 64-bit key per row from the request seed, patient index and stream number."""
+def row_keys(seed: int | np.ndarray, index: np.ndarray,
+             stream: np.ndarray | int = 0) -> np.ndarray:
+    """One 64-bit key per row from the request seed, patient index and stream number.
+
+    ``seed`` is one int for every row or one ``uint64`` per row (rows of different requests
+    decoded together); row ``r``'s key depends on ``(seed[r], index[r], stream[r])`` only.
+    """
     index = np.asarray(index, dtype=np.uint64)
     stream = np.broadcast_to(np.asarray(stream, dtype=np.uint64), index.shape)
-    key = _mix(np.full(index.shape, np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+    if np.ndim(seed) == 0:
+        seeds = np.full(index.shape, np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    else:
+        seeds = np.broadcast_to(np.asarray(seed, dtype=np.uint64), index.shape)
+    key = _mix(seeds)
     key = _mix(key ^ _mix(index))
     return _mix(key ^ _mix(stream + np.uint64(0x5851F42D4C957F2D)))
 

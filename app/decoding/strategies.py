@@ -5,7 +5,8 @@
 * :class:`CooccurrenceBias` keeps, per batch row, ``acc[c] = sum_j C[j, c]`` over the codes ``j``
   already in the current visit. Adding code ``j`` adds the ``nnz(C[j])`` stored entries of row
   ``j`` only, so a step costs the nonzeros of the codes just emitted, never ``V x V``; the logit
-  bias is ``alpha * log(1 + acc)``.
+  bias is ``alpha * log(1 + acc)``. With ``normalize`` each count ``C[j, c]`` is divided by code
+  ``j``'s training visit count, so ``acc[c]`` sums conditional frequencies ``P(c | j)``.
 * :meth:`CooccurrenceStats.coherence` is the mean normalised pointwise mutual information
   (NPMI, Bouma 2009) of a patient's within-visit code pairs:
   ``log(p_ij / (p_i p_j)) / -log p_ij`` with probabilities over training visits; a pair never
@@ -108,9 +109,10 @@ class CooccurrenceBias:
     """Per-row running co-occurrence sums of the current visit and the logit bias they give."""
 
     def __init__(self, stats: CooccurrenceStats, batch: int, vocab_size: int,
-                 alpha: float) -> None:
+                 alpha: float, normalize: bool = False) -> None:
         self.stats = stats
         self.alpha = np.float32(alpha)
+        self.normalize = normalize
         self.acc = np.zeros((batch, stats.code_counts.size), dtype=np.float32)
         self.bias = np.zeros((batch, vocab_size), dtype=np.float32)
         self.offset = stats.n_special
@@ -131,7 +133,11 @@ class CooccurrenceBias:
         row_rep = np.repeat(rows, lengths)
         cols = st.indices[flat]
         # (row, col) pairs are unique: one code per row per call, CSR rows have unique columns.
-        self.acc[row_rep, cols] += st.data[flat]
+        values = st.data[flat]
+        if self.normalize:
+            values = values / np.maximum(st.code_counts[np.repeat(codes, lengths)], 1.0).astype(
+                np.float32)
+        self.acc[row_rep, cols] += values
         self.bias[row_rep, cols + self.offset] = self.alpha * np.log1p(self.acc[row_rep, cols])
 
     def reset(self, rows: np.ndarray) -> None:

@@ -7,7 +7,10 @@ the ``fastapi-offline`` package: nothing is fetched from the internet.
 
 Inference never runs on the event loop: synchronous generation goes to a bounded thread pool
 (``inference_threads``), store calls run in FastAPI's thread pool, and exports are written by a
-synchronous iterator that Starlette drives from a thread.
+synchronous iterator that Starlette drives from a thread. Concurrent ``POST /v1/patients``
+requests of equal strategy, params and validity flag are micro-batched into one engine call
+(:mod:`app.service.batcher`; ``batch_window_ms``, ``max_batch_patients``,
+``batch_concurrency``) with byte-identical responses.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from app.decoding.errors import (
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
 from app.service import exports
+from app.service.batcher import MicroBatcher
 from app.service.jobs import iter_result, job_id_for, new_record, status_of
 from app.service.schemas import (
     CodeDetail,
@@ -158,6 +162,10 @@ class _Metrics:
                            registry=self.registry)
         self.ready = Gauge("synthehr_ready", "1 when the bundle is loaded and the store is up",
                            registry=self.registry)
+        self.batch = Histogram("synthehr_patients_batch_size",
+                               "Patients per engine call of POST /v1/patients (micro-batches)",
+                               registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
 class GuardMiddleware:
@@ -255,6 +263,7 @@ class ServiceState:
         self.generator = generator
         self.load_error: str | None = None
         self.pool: ThreadPoolExecutor | None = None  # per lifespan (startup -> shutdown)
+        self.batcher: MicroBatcher | None = None  # per (generator, pool)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -299,6 +308,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
         await asyncio.get_running_loop().run_in_executor(None, load)
         state.pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
                                         thread_name_prefix="inference")
+        state.batcher = None
         state.stop = threading.Event()
         state.threads = []
         if store.kind == "embedded" and state.generator is not None:
@@ -313,6 +323,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 thread.join(timeout=10)
             state.pool.shutdown(wait=False, cancel_futures=True)
             state.pool = None
+            state.batcher = None
 
     app = FastAPIOffline(
         title="synthehr", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
@@ -345,7 +356,8 @@ def create_app(settings: Settings | None = None, *, generator=None,
         return invalid(_generation_error_field(exc), str(exc))
 
     # -- auth ---------------------------------------------------------------------------------
-    def require_key(key: Annotated[str | None, Depends(KEY_HEADER)]) -> None:
+    async def require_key(key: Annotated[str | None, Depends(KEY_HEADER)]) -> None:
+        # async: a sync dependency would cost every /v1 request a thread-pool round trip
         if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
             from fastapi import HTTPException
 
@@ -372,6 +384,16 @@ def create_app(settings: Settings | None = None, *, generator=None,
             raise _Invalid("params.max_codes_per_visit",
                            f"at most {settings.max_codes_per_visit}, got {mc}")
 
+    def batcher_for(gen) -> MicroBatcher:
+        batcher = state.batcher
+        if batcher is None or batcher.generator is not gen or batcher.executor is not state.pool:
+            batcher = state.batcher = MicroBatcher(
+                gen, state.pool,  # None (no lifespan ran): the loop's default executor
+                settings.batch_window_ms / 1000.0, settings.max_batch_patients,
+                min(settings.batch_concurrency, settings.inference_threads),
+                on_batch=lambda requests, patients: metrics.batch.observe(patients))
+        return batcher
+
     def check_codes(gen, codes: list[str]) -> None:
         for i, code in enumerate(codes):
             if not gen.has_code(code):
@@ -390,14 +412,11 @@ def create_app(settings: Settings | None = None, *, generator=None,
                      settings.max_patients_per_request)
         check_codes(gen, body.must_include)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        params = body.params
-        loop = asyncio.get_running_loop()
-        patients = await loop.run_in_executor(
-            state.pool,  # None (no lifespan ran): the loop's default executor
-            lambda: gen.generate(demographics, strategy=body.strategy,
-                                             params=params, seed=seed,
-                                             must_include=body.must_include,
-                                             validity_mask=body.validity_mask))
+        # Concurrent requests of equal strategy/params/validity share one engine call in the
+        # inference pool (app.service.batcher); each gets exactly the patients it would alone.
+        patients = await batcher_for(gen).generate(
+            demographics, strategy=body.strategy, params=body.params, seed=seed,
+            must_include=body.must_include, validity_mask=body.validity_mask)
         metrics.patients.labels(body.strategy).inc(len(patients))
         tag = hashlib.sha256(f"{seed}:{gen.bundle_version}".encode()).hexdigest()[:8]
         rows = [exports.patient_out({"id": f"syn-{tag}-{i + 1:03d}", "age": a, "sex": s,

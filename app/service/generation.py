@@ -3,7 +3,8 @@
 :class:`BundleGenerator` loads a runtime bundle (:mod:`app.bundle`), builds the numpy decoding
 engine over its ONNX Runtime graphs (:mod:`app.decoding.engine`) and exposes exactly what the
 routes and the worker need: ``generate(demographics, strategy, params, seed, must_include,
-validity_mask) -> list[Patient]``, ``manifest``, ``evaluation``, ``bundle_version`` and
+validity_mask) -> list[Patient]``, ``generate_batch`` (several requests' rows in one engine
+call, for :mod:`app.service.batcher`), ``manifest``, ``evaluation``, ``bundle_version`` and
 ``has_code``. Nothing else in :mod:`app.service` imports the engine, so an engine change is
 absorbed here.
 """
@@ -90,6 +91,40 @@ class EngineGenerator:
                                       must_include=list(must_include or []) or None,
                                       validity_mask=validity_mask)
         return list(result.patients)
+
+    def generate_batch(self, requests: list[tuple[list[tuple[float, str]], int, list[str] | None]],
+                       strategy: str = "plain", params: dict[str, Any] | None = None,
+                       validity_mask: bool = True) -> list[list[Patient]]:
+        """Several requests ``(demographics, seed, must_include)`` of one strategy, params and
+        validity flag as one engine call; per request the patients :meth:`generate` gives it.
+
+        Each row is keyed on its own request's seed and its index within that request, and
+        carries its own request's ``must_include``. An error fails the whole call (the caller
+        re-runs the requests one by one to tell which one is at fault).
+        """
+        demographics: list[tuple[float, str]] = []
+        seeds: list[int] = []
+        indices: list[int] = []
+        required: list[list[str]] = []
+        for demo, seed, must_include in requests:
+            codes = list(must_include or [])
+            for i, item in enumerate(demo):
+                demographics.append(item)
+                seeds.append(int(seed))
+                indices.append(i)
+                required.append(codes)
+        if not demographics:
+            return [[] for _ in requests]
+        result = self.engine.generate(demographics, strategy=strategy, params=params or {},
+                                      seed=seeds[0],
+                                      must_include=required if any(required) else None,
+                                      validity_mask=validity_mask, row_seeds=seeds,
+                                      row_indices=indices)
+        out, start = [], 0
+        for demo, _, _ in requests:
+            out.append(list(result.patients[start:start + len(demo)]))
+            start += len(demo)
+        return out
 
 
 def _evaluation(path: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

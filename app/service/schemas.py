@@ -74,10 +74,11 @@ class _Generation(_Strict):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the strategy (validated against it): "
         "every strategy takes `temperature`, `top_k`, `top_p`, `max_visits`, "
-        "`max_codes_per_visit`; `cooccurrence` adds `alpha`, `keep_visit_length`; `rerank` "
-        "adds `candidates`, `coherence_weight`, `per_token`; `retrieve_edit` adds "
+        "`max_codes_per_visit`; `cooccurrence` adds `alpha`, `keep_visit_length`, `normalize`; "
+        "`rerank` adds `candidates`, `coherence_weight`, `per_token`, `selection`; "
+        "`retrieve_edit` adds "
         "`keep_fraction`, `neighbors`, `min_distance`, `max_retries`.",
-        examples=[{"temperature": 1.0}, {"alpha": 0.5}])
+        examples=[{"temperature": 1.0}, {"alpha": 0.05}])
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same "
                              "request, seed and bundle give the same patients. None: random.")
     must_include: list[str] = Field(default_factory=list, max_length=MAX_MUST_INCLUDE,
@@ -111,7 +112,7 @@ class PatientsRequest(_Generation):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"n": 2, "age": 67, "sex": "F", "strategy": "plain", "seed": 7},
         {"patients": [{"age": 45, "sex": "M"}, {"age": 3, "sex": "F"}],
-         "strategy": "cooccurrence", "params": {"alpha": 0.5}, "seed": 1,
+         "strategy": "cooccurrence", "params": {"alpha": 0.05}, "seed": 1,
          "must_include": ["401.9"], "validity_mask": True},
     ]})
 
@@ -198,7 +199,7 @@ class CohortSpec(_Generation):
          "strategy": "plain", "seed": 42},
         {"size": 500, "age": {"bins": [{"min": 0, "max": 17, "weight": 1},
                                        {"min": 65, "max": 90, "weight": 3}]},
-         "female_fraction": 0.5, "strategy": "cooccurrence", "params": {"alpha": 0.5},
+         "female_fraction": 0.5, "strategy": "cooccurrence", "params": {"alpha": 0.05},
          "seed": 3},
     ]})
 
