@@ -9,13 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 
 import httpx
 import pytest
 import yaml
-from test_service_support import ROOT, free_port, tiny_bundle
+from test_service_support import ROOT, free_port, tiny_bundle, wait_until_ready
 
 
 def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
@@ -131,14 +130,7 @@ def test_serve_only_venv_installs_loads_a_bundle_and_answers(tmp_path):
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
+        wait_until_ready(base, proc)
         r = httpx.post(f"{base}/v1/patients", json={"n": 2, "age": 70, "sex": "M", "seed": 1},
                        timeout=30)
         assert r.status_code == 200, r.text

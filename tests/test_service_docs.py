@@ -8,11 +8,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-import httpx
 import pytest
-from test_service_support import ROOT, free_port, tiny_bundle
+from test_service_support import ROOT, free_port, tiny_bundle, wait_until_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -36,15 +34,7 @@ def server():
                             stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode()[-2000:])
-            time.sleep(0.1)
+        wait_until_ready(base, proc)
         yield base
     finally:
         proc.terminate()

@@ -212,6 +212,23 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_until_ready(base: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Poll ``base/ready`` until it answers 200; fail with the server's output if it exits."""
+    import httpx
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            stream = proc.stdout or proc.stderr
+            output = stream.read().decode()[-3000:] if stream else ""
+            raise AssertionError(f"server exited with code {proc.returncode}: {output}")
+        try:
+            return httpx.get(f"{base}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, interval=0.1, what=f"{base}/ready")
+
+
 def worker_main() -> None:
     """``python tests/test_service_support.py``: a cohort worker process over the session's
     generator (bundle or random engine), slowed by ``SYNTHEHR_TEST_DELAY`` seconds per engine
