@@ -162,65 +162,65 @@ def _admissions(row: dict) -> list[tuple[datetime, datetime]]:
     return times
 
 
+def _zip_csv(zf: zipfile.ZipFile, sink: _Sink, name: str, header: list[str],
+             rows: Iterable[list]) -> Iterator[bytes]:
+    """Write one CSV member of ``zf``, yielding the compressed bytes as they pile up."""
+    with zf.open(name, "w", force_zip64=True) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(row)
+            if sink.size >= FLUSH_BYTES:
+                text.flush()
+                yield sink.drain()
+        text.flush()
+        text.detach()
+    yield sink.drain()
+
+
+def _patients_rows(rows: Iterable[dict]) -> Iterator[list]:
+    for row in rows:
+        n = int(row["n"])
+        admit = _admissions(row)[0][0] if row["visits"] else EPOCH
+        dob = admit - timedelta(days=float(row["age"]) * 365.2425)
+        dob = dob.replace(hour=0, minute=0, second=0, microsecond=0)
+        yield [n, n, row["sex"], dob.strftime(FMT), "", "", "", 0]
+
+
+def _admissions_rows(rows: Iterable[dict]) -> Iterator[list]:
+    hadm = HADM_BASE
+    for row in rows:
+        n = int(row["n"])
+        for admit, discharge in _admissions(row):
+            hadm += 1
+            yield [hadm - HADM_BASE, n, hadm, admit.strftime(FMT), discharge.strftime(FMT), "",
+                   "EMERGENCY", "EMERGENCY ROOM ADMIT", "HOME", "Other", "", "", "",
+                   "UNKNOWN/NOT SPECIFIED", "", "", "SYNTHETIC", 0, 1]
+
+
+def _diagnoses_rows(rows: Iterable[dict]) -> Iterator[list]:
+    hadm, row_id = HADM_BASE, 0
+    for row in rows:
+        n = int(row["n"])
+        for visit in row["visits"]:
+            hadm += 1
+            for seq, code in enumerate(visit, start=1):
+                row_id += 1
+                yield [row_id, n, hadm, seq, code]
+
+
 def _mimic3_files(rows_factory: Callable[[], Iterable[dict]]) -> Iterator[bytes]:
+    """The MIMIC-III zip: three passes over the patients, one per table (admission ids agree
+    because ADMISSIONS and DIAGNOSES_ICD number visits in the same order)."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        # PATIENTS
-        with zf.open("PATIENTS.csv", "w", force_zip64=True) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(PATIENTS_HEADER)
-            for row in rows_factory():
-                n = int(row["n"])
-                admit = _admissions(row)[0][0] if row["visits"] else EPOCH
-                dob = admit - timedelta(days=float(row["age"]) * 365.2425)
-                dob = dob.replace(hour=0, minute=0, second=0, microsecond=0)
-                writer.writerow([n, n, row["sex"], dob.strftime(FMT), "", "", "", 0])
-                if sink.size >= FLUSH_BYTES:
-                    text.flush()
-                    yield sink.drain()
-            text.flush()
-            text.detach()
-        yield sink.drain()
-        # ADMISSIONS
-        with zf.open("ADMISSIONS.csv", "w", force_zip64=True) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(ADMISSIONS_HEADER)
-            hadm = HADM_BASE
-            for row in rows_factory():
-                n = int(row["n"])
-                for admit, discharge in _admissions(row):
-                    hadm += 1
-                    writer.writerow([hadm - HADM_BASE, n, hadm, admit.strftime(FMT),
-                                     discharge.strftime(FMT), "", "EMERGENCY",
-                                     "EMERGENCY ROOM ADMIT", "HOME", "Other", "", "", "",
-                                     "UNKNOWN/NOT SPECIFIED", "", "", "SYNTHETIC", 0, 1])
-                if sink.size >= FLUSH_BYTES:
-                    text.flush()
-                    yield sink.drain()
-            text.flush()
-            text.detach()
-        yield sink.drain()
-        # DIAGNOSES_ICD
-        with zf.open("DIAGNOSES_ICD.csv", "w", force_zip64=True) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(DIAGNOSES_HEADER)
-            hadm, row_id = HADM_BASE, 0
-            for row in rows_factory():
-                n = int(row["n"])
-                for visit in row["visits"]:
-                    hadm += 1
-                    for seq, code in enumerate(visit, start=1):
-                        row_id += 1
-                        writer.writerow([row_id, n, hadm, seq, code])
-                if sink.size >= FLUSH_BYTES:
-                    text.flush()
-                    yield sink.drain()
-            text.flush()
-            text.detach()
-        yield sink.drain()
+        yield from _zip_csv(zf, sink, "PATIENTS.csv", PATIENTS_HEADER,
+                            _patients_rows(rows_factory()))
+        yield from _zip_csv(zf, sink, "ADMISSIONS.csv", ADMISSIONS_HEADER,
+                            _admissions_rows(rows_factory()))
+        yield from _zip_csv(zf, sink, "DIAGNOSES_ICD.csv", DIAGNOSES_HEADER,
+                            _diagnoses_rows(rows_factory()))
     yield sink.drain()
 
 
