@@ -100,7 +100,8 @@ def train_command(
     data: Annotated[Path | None, typer.Option(help="Folder or file of the source.")] = None,
     preset: Annotated[str | None, typer.Option(
         help="Train on a simulated corpus instead: demo or mimic3-scale.")] = None,
-    size: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "small",
+    size: Annotated[str, typer.Option(
+        help="Model size: auto (chosen from the corpus), tiny, small or base.")] = "auto",
     config: Annotated[Path | None, typer.Option(help="RunConfig JSON (model/objective/train).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override, e.g. --set objective.cooc_weight=0.1 (repeatable).")] = None,
@@ -109,8 +110,11 @@ def train_command(
     batch_size: Annotated[int | None, typer.Option(help="Patients per batch.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of everything random.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop after the epoch that passes "
-                                                           "this wall time.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Time budget: epochs and the learning-rate schedule are planned to end annealed "
+             "within it (default: chosen from the corpus).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu (default) or cuda (a CUDA GPU, where torch sees one).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing bundle in OUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -128,7 +132,8 @@ def train_command(
     try:
         run_train(out=out, source=source, data=data, preset=preset, size=size, config=config,
                   overrides=overrides, flat=flat, epochs=epochs, batch_size=batch_size,
-                  seed=seed, threads=threads, max_minutes=max_minutes, resume=resume,
+                  seed=seed, threads=threads, max_minutes=max_minutes, device=device,
+                  resume=resume,
                   force=force, progress=progress, export=export)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         raise fail(str(err)) from None
@@ -183,7 +188,11 @@ def print_manifest(manifest: dict, title: str) -> None:
                    f"{manifest.get('n_parameters', 0):,} parameters")),
         ("epochs", (f"{metrics.get('epochs_run')} (best {metrics.get('best_epoch')}, "
                     f"stopped by {metrics.get('stopped_by')})")),
+        ("schedule", _schedule_text(metrics.get("schedule"))),
+        ("model choice", _choice_text(manifest.get("model_choice"))),
         ("val ppl/code", _fmt(metrics.get("val", {}).get("ppl_code"))),
+        ("val fidelity", _fidelity_text((metrics.get("val") or {}).get("fidelity"))),
+        ("stop calibration", _calibration_text(metrics.get("stop_calibration"))),
         ("test ppl/code", (f"{_fmt(test.get('ppl_code_from_demographics'))} from "
                            f"demographics, {_fmt(test.get('ppl_code_from_full_patient'))} from "
                            "the full patient")),
@@ -195,6 +204,42 @@ def print_manifest(manifest: dict, title: str) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _schedule_text(schedule: dict | None) -> str:
+    if not schedule:
+        return "-"
+    budget = schedule.get("budget_minutes") or 0
+    return (f"{schedule.get('planned_epochs')} of at most {schedule.get('max_epochs')} epochs "
+            f"planned{f' for a {budget:g}-minute budget' if budget else ''}, "
+            f"{schedule.get('total_steps')} steps, lr {schedule.get('lr')} -> "
+            f"{_fmt(schedule.get('final_lr'), 6)}, "
+            f"{'completed' if schedule.get('completed') else 'not completed'}")
+
+
+def _choice_text(choice: dict | None) -> str:
+    if not choice:
+        return "-"
+    reasons = choice.get("reasons") or {}
+    return f"{choice.get('size')} ({reasons.get('size', '')})"
+
+
+def _fidelity_text(fidelity: dict | None) -> str:
+    if not fidelity:
+        return "-"
+    return (f"bigram R2 {_fmt(fidelity.get('bigram_r2'), 3)}, unigram R2 "
+            f"{_fmt(fidelity.get('unigram_r2'), 3)}, KS visits/patient "
+            f"{_fmt(fidelity.get('ks_visits_per_patient'), 3)} ({fidelity.get('n')} validation "
+            "patients, before stop calibration)")
+
+
+def _calibration_text(info: dict | None) -> str:
+    if not info or not info.get("iterations"):
+        return "-"
+    steps = info["iterations"]
+    best = steps[info.get("selected_iteration", len(steps) - 1)]
+    return (f"KS visits/patient vs train {steps[0]['ks_visits_per_patient_vs_train']:.3f} -> "
+            f"{best['ks_visits_per_patient_vs_train']:.3f}")
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -448,6 +493,34 @@ def _service_settings(bundle: Path | None, redis_url: str | None):
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.json_logs)
     return settings
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder to (re)calibrate.")],
+    data: Annotated[Path | None, typer.Option(
+        help="Data the bundle was trained on (default: the path in its manifest).")] = None,
+    patients: Annotated[int, typer.Option(help="Validation demographics in the sample.")] = 8000,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 1,
+) -> None:
+    """Fit the bundle's stop calibration (visits per patient, codes per visit) on the
+    validation split's demographics against the training split's histograms. Training does
+    this by itself; use it for a bundle trained without it."""
+    from app.bundle import BundleError, read_manifest
+
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as err:
+        raise fail(str(err)) from None
+    corpus, _ = load_bundle_corpus(manifest, bundle, data)
+    from training.calibrate import calibrate_bundle
+    from training.splits import split_patients
+
+    split = split_patients(corpus.patients)
+    seed = int(((manifest.get("run_config") or {}).get("train") or {}).get("seed") or 0)
+    calibrate_bundle(bundle, split.val, split.train, patients=patients, seed=seed,
+                     threads=threads, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"stop calibration written to {bundle}/calibration.json")
 
 
 @app.command("serve")
