@@ -210,9 +210,9 @@ def test_a_cohort_with_no_live_worker_is_reported(gen):
         thread = start_thread(Worker(store, gen, Settings(redis_url=None, lease_s=1.0,
                                                           worker_poll_s=0.05)), stop)
         wait_for(lambda: c.get("/ready").json()["workers_alive"] == 1, 5, what="presence")
-        done = wait_for(lambda: (lambda b: b if b["status"] == "done" else None)(
-            c.get(f"/v1/cohorts/{job['id']}").json()), 30, what="job done")
-        assert done["warning"] is None
+        wait_for(lambda: c.get(f"/v1/cohorts/{job['id']}").json()["status"] == "done", 30,
+                 what="job done")
+        assert c.get(f"/v1/cohorts/{job['id']}").json()["warning"] is None
         # It stops: within lease_s (1 s) queued jobs and /ready say so again.
         stop.set()
         thread.join(timeout=10)
