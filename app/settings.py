@@ -51,8 +51,7 @@ class Settings(BaseSettings):
     # -- work budget (app.decoding.params.work_of counts a request's work) --------------------
     max_decoded_rows: int = Field(
         1_000, ge=1, description="Rows one POST /v1/patients may decode: patients x "
-        "`candidates` for rerank, patients otherwise (100 patients x 10 candidates; 6,400 rows "
-        "held a core for 30 s on the 2-core development machine).")
+        "`candidates` for rerank, patients otherwise (100 patients x 10 candidates).")
     max_retries_per_request: int = Field(
         2_000, ge=0, description="retrieve_edit privacy-guard retries one POST /v1/patients may "
         "ask for: patients x `max_retries` (100 patients x the default 20).")

@@ -268,13 +268,15 @@ def strings(obj):
 
 def test_no_filesystem_path_in_any_response(gen, tmp_path):
     manifest = {**gen.manifest, "data": {"source": "uci", "path": "/data/hospital/uci-130"},
-                "run_config": {"out": "models/uci", "data_dir": "C:\\data\\uci"}}
+                "run_config": {"out": "models/uci", "data_dir": "C:\\data\\uci"},
+                "metrics": {"val_loss": float("nan")}}
     leaky = EngineGenerator(gen.engine, manifest, gen.bundle_version,
                             {"report": "/srv/reports/uci/report.html"})
     with make_client(leaky) as c:
         body = c.get("/v1/models").json()
         assert not [s for s in strings(body) if "/" in s or "\\" in s]
         assert body["manifest"]["data"]["path"] == "uci-130"
+        assert body["manifest"]["metrics"]["val_loss"] is None
     missing = tmp_path / "deep" / "nothing-here"
     with TestClient(create_app(Settings(redis_url=None, bundle=missing),
                                store=EmbeddedStore())) as c:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,13 +67,16 @@ _PRIVATE_KEYS = {"train_index", "patients", "records", "examples", "data_path", 
 
 
 def _public(obj: Any) -> Any:
-    """``obj`` without training records and with every filesystem path reduced to its name."""
+    """``obj`` without training records, with every filesystem path reduced to its name and
+    non-finite numbers as None."""
 
     def drop(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: drop(v) for k, v in value.items() if k not in _PRIVATE_KEYS}
         if isinstance(value, list):
             return [drop(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # a metric that came out NaN: JSON cannot carry it
         return value
 
     return public_value(drop(obj))
