@@ -10,7 +10,10 @@ Inference never runs on the event loop: synchronous generation goes to a bounded
 synchronous iterator that Starlette drives from a thread. Concurrent ``POST /v1/patients``
 requests of equal strategy, params and validity flag are micro-batched into one engine call
 (:mod:`app.service.batcher`; ``batch_window_ms``, ``max_batch_patients``,
-``batch_concurrency``) with byte-identical responses.
+``batch_concurrency``) with byte-identical responses. Each such request is bounded: a work
+budget checked before it runs (:func:`app.decoding.params.work_of`), and ``request_timeout_s``
+and the client's presence checked while it runs; either way out stops its engine work at the
+next engine batch. Responses never carry a filesystem path (:mod:`app.service.redact`).
 """
 
 from __future__ import annotations
@@ -88,8 +91,12 @@ model trained offline. Nothing served is a training record.
   `GET /v1/cohorts/{id}`, then download `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3`.
   An identical request (spec, seed, model) returns the same job or its cached result.
 
-Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`).
-When the deployment sets an API key, send it in the `X-API-Key` header.
+Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`),
+including requests over the deployment's work budget (patients x `candidates`, patients x
+`max_retries`). A synchronous request that runs past the deployment's timeout gets `504`, and
+its generation stops, as it does when the client disconnects. A client with too many
+unfinished cohorts gets `429`. When the deployment sets an API key, send it in the `X-API-Key`
+header.
 """
 
 
