@@ -217,7 +217,7 @@ def test_a_cohort_with_no_live_worker_is_reported(gen):
         stop.set()
         thread.join(timeout=10)
         other = c.post("/v1/cohorts", json={"size": 5, "seed": 2}).json()["id"]
-        wait_for(lambda: c.get(f"/v1/cohorts/{other}").json()["warning"], 1.5,
+        wait_for(lambda: c.get(f"/v1/cohorts/{other}").json()["warning"], 2.0,
                  what="the no-worker warning")
         assert c.get("/ready").json()["cohorts_ready"] is False
 
