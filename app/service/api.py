@@ -516,7 +516,8 @@ def create_app(settings: Settings | None = None, *, generator=None,
     @v1.post("/patients", response_model=PatientsResponse, tags=["patients"],
              summary="Generate up to 100 patients synchronously",
              responses={422: {"description": "Invalid request: `detail` names field and reason"},
-                        503: {"description": "No model loaded"}})
+                        503: {"description": "No model loaded"},
+                        504: {"description": "Ran past `request_timeout_s`; generation stopped"}})
     async def post_patients(body: PatientsRequest, request: Request) -> Any:
         gen = ready_generator()
         demographics = body.demographics()
