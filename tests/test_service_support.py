@@ -25,8 +25,24 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_CACHE = Path(os.environ.get("SYNTHEHR_TEST_BUNDLE_DIR",
-                                   ROOT / ".pytest_cache" / "synthehr-bundles" / "tiny-demo"))
+
+
+def _data_key() -> str:
+    """Hash of the files that shape the simulated demo data (the simulator, the MCE edits and
+    the CMS tables): a cached bundle trained on older data is not reused, since the evaluation
+    refuses a bundle whose data changed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([ROOT / "training" / "simulate.py", ROOT / "app" / "icd9" / "edits.py",
+                        *(ROOT / "app" / "icd9" / "data").glob("*.txt")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+BUNDLE_CACHE = Path(os.environ.get(
+    "SYNTHEHR_TEST_BUNDLE_DIR",
+    ROOT / ".pytest_cache" / "synthehr-bundles" / f"tiny-demo-{_data_key()}"))
 _BUILD_ERROR: list[str] = []
 
 
