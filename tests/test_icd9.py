@@ -13,13 +13,19 @@ from app.icd9.hierarchy import CHAPTERS, chapter_of, load_hierarchy
     ("250.00", "25000"), ("25000", "25000"), ("8", "008"), ("8.5", "0085"), ("42", "042"),
     ("v57.1", "V571"), ("V57", "V57"), ("V3000", "V3000"), ("E909", "E909"),
     ("E849.7", "E8497"), (" 401.9 ", "4019"), ("038.9", "0389"),
+    # a dot anywhere else is punctuation (issue 15): the rest must be a canonical code
+    ("E87.82", "E8782"), ("E8782", "E8782"), ("E878.2", "E8782"), ("25.000", "25000"),
+    ("E87.0", "E870"),
 ])
 def test_normalize_code_accepts_every_spelling(raw: str, expected: str) -> None:
     assert normalize_code(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["ABC", "I10", "E87.0", "S73.00", "", "?", "250.000", "12345678",
-                                 None, "R51"])
+@pytest.mark.parametrize("raw", ["ABC", "I10", "S73.00", "", "?", "250.000", "12345678",
+                                 None, "R51",
+                                 "\uff12\uff15\uff10",  # fullwidth 250
+                                 "\u0664\u0660\u0661\u0669",  # Arabic-Indic 4019
+                                 "4\u0660\u06619", "V\uff15\uff17"])
 def test_normalize_code_rejects_non_icd9(raw: object) -> None:
     with pytest.raises(InvalidCodeError):
         normalize_code(raw)
