@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["InvalidCodeError", "normalize_code", "try_normalize_code", "category_of",
-           "looks_like_icd10"]
+__all__ = [
+    "InvalidCodeError",
+    "category_of",
+    "looks_like_icd10",
+    "normalize_code",
+    "try_normalize_code",
+]
 
 # re.ASCII: \d would otherwise match any Unicode decimal digit (fullwidth, Arabic-Indic, ...).
 # Canonical undotted forms: 3-5 digits; V + 2-4 digits; E + 3-4 digits.

@@ -219,18 +219,23 @@ def _examples(drops: DropLog, reason: str, count: int, texts: list[str],
         drops.example(reason, text)
 
 
+def _at(file: str, row: int, column: str | None, value: object, fallback: str) -> str:
+    """An example's text: the file position where one is known, else ``fallback``."""
+    return describe_row(file, row + 1, column, value) if file and row >= 0 else fallback
+
+
 def _where_of(frame: pd.DataFrame, ids: np.ndarray, kind: str,
               where: dict[str, tuple[str, str]]) -> list[str]:
-    """Example texts for the first few ``ids`` (patients) from the ``<kind>_row/_raw`` columns."""
+    """Example texts for the first few ``ids`` (patients) from the ``<kind>_row/_raw/_file``
+    columns."""
     out = []
+    file, column = where.get(kind, ("", kind))
     for patient_id in ids[:3]:
         rec = frame.loc[patient_id]
-        file, column = where.get(kind, ("", kind))
-        if f"{kind}_row" in frame.columns and file:
-            out.append(f"patient {patient_id}: " + describe_row(
-                file, int(rec[f"{kind}_row"]) + 1, column, rec.get(f"{kind}_raw")))
-        else:
-            out.append(f"patient {patient_id}")
+        row = int(rec[f"{kind}_row"]) if f"{kind}_row" in frame.columns else -1
+        out.append(f"patient {patient_id}" + (": " + _at(
+            str(rec.get(f"{kind}_file", file)), row, column, rec.get(f"{kind}_raw"), "")
+            if row >= 0 else ""))
     return out
 
 
@@ -264,28 +269,35 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         codes = codes.assign(row=-1)
     if "column" not in codes.columns:
         codes = codes.assign(column="code")
+    if "file" not in codes.columns:
+        codes = codes.assign(file=code_file)
     duplicate = codes.duplicated(["visit_id", "code"]).to_numpy()
-    if duplicate.any():
-        dup = codes[duplicate]
-        drops.add("duplicate code within a visit", int(duplicate.sum()))
-        for _, rec in dup.head(drops.max_examples).iterrows():
-            drops.example("duplicate code within a visit", describe_row(
-                code_file, int(rec["row"]) + 1, str(rec["column"]), rec["code"])
-                if code_file and rec["row"] >= 0 else f"visit {rec['visit_id']} code {rec['code']}")
-    codes = codes[~duplicate]
-    orphan = ~codes["visit_id"].isin(set(visits["visit_id"]))
-    if orphan.any():
-        drops.add("diagnosis of an unknown visit", int(orphan.sum()))
-        for _, rec in codes[orphan].head(drops.max_examples).iterrows():
-            drops.example("diagnosis of an unknown visit", describe_row(
-                code_file, int(rec["row"]) + 1, None, None) + f", visit {rec['visit_id']!s}"
-                if code_file and rec["row"] >= 0 else f"visit {rec['visit_id']}")
-    codes = codes[~orphan]
+    orphan = ~duplicate & ~codes["visit_id"].isin(set(visits["visit_id"])).to_numpy()
+    for reason, mask in (("duplicate code within a visit", duplicate),
+                         ("diagnosis of an unknown visit", orphan)):
+        drops.add(reason, int(mask.sum()))
+        for _, rec in codes[mask].head(drops.max_examples).iterrows():
+            shown_visit = str(rec["visit_id"]).replace("\x1f", " visit ")
+            drops.example(reason, _at(str(rec["file"]), int(rec["row"]), str(rec["column"]),
+                                      rec["code"], f"visit {shown_visit} code {rec['code']}"))
+    codes = codes[~(duplicate | orphan)]
     by_visit: dict[object, list[str]] = {}
     for visit_id, code in zip(codes["visit_id"].to_numpy(), codes["code"].to_numpy()):
         by_visit.setdefault(visit_id, []).append(str(code))
     age_of = ages.to_dict()
     sex_of = sexes.to_dict()
+
+    visit_file, visit_column = where.get("visit", ("", "visit_id"))
+    visit_files = (visits["file"].to_numpy() if "file" in visits.columns
+                   else np.full(len(visits), visit_file, dtype=object))
+    visit_rows = (visits["row"].to_numpy() if "row" in visits.columns
+                  else np.full(len(visits), -1))
+    visit_ids = visits["visit_id"].to_numpy()
+
+    def visit_at(i: int) -> str:
+        shown = str(visit_ids[i]).replace("\x1f", " visit ")
+        return _at(str(visit_files[i]), int(visit_rows[i]), visit_column, shown,
+                   f"patient {shown}" if "\x1f" in str(visit_ids[i]) else f"visit {shown}")
 
     has_times = "start" in visits.columns
     if has_times:
@@ -298,14 +310,9 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         if reversed_.any():
             reason = "visit end before its start (end set to the start)"
             drops.add(reason, int(reversed_.sum()))
-            file, _ = where.get("visit", ("", "visit"))
-            rows = visits["row"].to_numpy() if "row" in visits.columns else None
             for i in np.flatnonzero(reversed_)[: drops.max_examples]:
-                drops.example(reason, describe_row(file, int(rows[i]) + 1, None, None)
-                              if rows is not None and file else f"visit {visits['visit_id'].iloc[i]}")
+                drops.example(reason, visit_at(i))
             end_s = np.maximum(end_s, start_s)
-    visit_rows = visits["row"].to_numpy() if "row" in visits.columns else None
-    visit_file, visit_column = where.get("visit", ("", "visit_id"))
 
     patients: list[Patient] = []
     no_visit: list[object] = []
@@ -329,8 +336,7 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         patients.append(Patient(str(patient_id), float(age_of[patient_id]),
                                 str(sex_of[patient_id]), tuple(patient_visits), visit_times))
 
-    for i, (patient_id, visit_id) in enumerate(zip(visits["patient_id"].to_numpy(),
-                                                   visits["visit_id"].to_numpy())):
+    for i, (patient_id, visit_id) in enumerate(zip(visits["patient_id"].to_numpy(), visit_ids)):
         if patient_id not in keep_ids:
             continue
         if patient_id != current:
@@ -349,11 +355,7 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         else:
             empty_visits += 1
             if len(empty_examples) < drops.max_examples:
-                shown = str(visit_id).replace("\x1f", " visit ")
-                empty_examples.append(
-                    describe_row(visit_file, int(visit_rows[i]) + 1, visit_column, shown)
-                    if visit_rows is not None and visit_file else f"patient {patient_id} visit "
-                    f"{shown}")
+                empty_examples.append(visit_at(i))
     if current is not None:
         close(current, current_visits, current_times)
     _examples(drops, "visit without a valid code", empty_visits, empty_examples)

@@ -24,8 +24,13 @@ import pandas as pd
 
 from app.corpus import Corpus, DropLog
 from app.icd9.codes import looks_like_icd10
-from training.loaders.common import (assemble, find_table, normalize_code_column,
-                                     normalize_sex, read_table)
+from training.loaders.common import (
+    assemble,
+    find_table,
+    normalize_code_column,
+    normalize_sex,
+    read_table,
+)
 
 
 def _age(values: pd.Series) -> pd.Series:

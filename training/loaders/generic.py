@@ -19,8 +19,14 @@ import numpy as np
 import pandas as pd
 
 from app.corpus import Corpus, DropLog
-from training.loaders.common import (DataError, assemble, normalize_code_column, normalize_sex,
-                                     parse_dates, read_table)
+from training.loaders.common import (
+    DataError,
+    assemble,
+    normalize_code_column,
+    normalize_sex,
+    parse_dates,
+    read_table,
+)
 
 REQUIRED = ["patient_id", "visit_id", "code", "age", "sex"]
 

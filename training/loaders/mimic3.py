@@ -15,8 +15,14 @@ import numpy as np
 import pandas as pd
 
 from app.corpus import Corpus, DropLog
-from training.loaders.common import (assemble, find_table, normalize_code_column,
-                                     normalize_sex, parse_dates, read_table)
+from training.loaders.common import (
+    assemble,
+    find_table,
+    normalize_code_column,
+    normalize_sex,
+    parse_dates,
+    read_table,
+)
 
 SECONDS_PER_YEAR = 365.2425 * 24 * 3600
 

@@ -16,8 +16,16 @@ import numpy as np
 import pandas as pd
 
 from app.corpus import Corpus, DropLog
-from training.loaders.common import (DataError, assemble, find_table, normalize_code_column,
-                                     normalize_sex, parse_dates, parse_version, read_table)
+from training.loaders.common import (
+    DataError,
+    assemble,
+    find_table,
+    normalize_code_column,
+    normalize_sex,
+    parse_dates,
+    parse_version,
+    read_table,
+)
 
 ICD10_ROW = "ICD-10 row (icd_version 10; ICD-10-CM is not modelled, only ICD-9-CM rows are used)"
 

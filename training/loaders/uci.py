@@ -14,8 +14,13 @@ import numpy as np
 import pandas as pd
 
 from app.corpus import Corpus, DropLog
-from training.loaders.common import (DataError, assemble, normalize_code_column, normalize_sex,
-                                     read_table)
+from training.loaders.common import (
+    DataError,
+    assemble,
+    normalize_code_column,
+    normalize_sex,
+    read_table,
+)
 
 DIAG_COLUMNS = ("diag_1", "diag_2", "diag_3")
 
