@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from app.icd9.codes import InvalidCodeError, category_of, normalize_code, try_normalize_code
@@ -53,7 +55,7 @@ def test_nineteen_chapters_cover_the_numeric_range_without_gaps() -> None:
     assert len(CHAPTERS) == 19
     numeric = CHAPTERS[:17]
     assert numeric[0].first == "001" and numeric[-1].last == "999"
-    for before, after in zip(numeric, numeric[1:]):
+    for before, after in itertools.pairwise(numeric):
         assert int(before.last) + 1 == int(after.first)
 
 

@@ -18,7 +18,7 @@ from training.loaders import DataError, load_corpus
 from training.loaders.mimic4 import ICD10_ROW
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synpuf_fixture import EXPECTED, EXPECTED_DROPS, write_synpuf  # noqa: E402
+from synpuf_fixture import EXPECTED, EXPECTED_DROPS, write_synpuf
 
 runner = CliRunner()
 
@@ -239,8 +239,8 @@ def test_synpuf_fixture_loads_as_the_layout_says(tmp_path: Path) -> None:
     assert a.age == pytest.approx((pd.Timestamp("2008-01-05") - pd.Timestamp("1940-01-15")).days
                                   / 365.2425)
     examples = corpus.drops.examples["patient with unknown sex"]
-    assert examples == ["patient 00000C: DE1_0_2008_Beneficiary_Summary_File_Sample_1.csv data "
-                        "row 3 (line 4), column bene_sex_ident_cd, value '3'"]
+    assert examples == [("patient 00000C: DE1_0_2008_Beneficiary_Summary_File_Sample_1.csv data "
+                        "row 3 (line 4), column bene_sex_ident_cd, value '3'")]
 
 
 def test_synpuf_cli_and_missing_files(tmp_path: Path) -> None:
