@@ -20,7 +20,7 @@ drop reason carries examples with file, 1-based data row (header excluded), colu
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from app.icd9.codes import InvalidCodeError, looks_like_icd10, normalize_code
 from app.icd9.hierarchy import chapter_of
 
 __all__ = [
+    "CHUNK_ROWS",
     "ICD10_REASON",
     "ISO_HELP",
     "MAX_DROP_SHARE",
@@ -44,9 +45,12 @@ __all__ = [
     "parse_dates",
     "parse_version",
     "read_table",
+    "read_table_chunks",
 ]
 
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".csv.zip", ".parquet")
+# Rows per chunk where a loader reads a large file in chunks (DE-SynPUF claims files).
+CHUNK_ROWS = 50_000
 # A load that drops more than this share of the patients it read stops with an error.
 MAX_DROP_SHARE = 0.5
 ISO_HELP = "ISO 8601 (YYYY-MM-DD, optionally followed by HH:MM or HH:MM:SS)"
@@ -107,9 +111,53 @@ def read_table(path: Path, required: list[str], usecols: Callable[[str], bool] |
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}; found "
-                              f"{', '.join(frame.columns) or 'none'}")
+        found = "" if usecols else f"; found {', '.join(frame.columns) or 'none'}"
+        raise DataError(path, f"missing column(s) {', '.join(missing)}{found}")
     return frame
+
+
+def _parquet_chunks(path: Path, keep: Callable[[object], bool],
+                    chunk_rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(path)
+    names = [c for c in source.schema_arrow.names if keep(c)]
+    offset = 0
+    for batch in source.iter_batches(batch_size=chunk_rows, columns=names):
+        frame = batch.to_pandas().astype("string")
+        frame.index = pd.RangeIndex(offset, offset + len(frame))
+        offset += len(frame)
+        yield frame
+
+
+def read_table_chunks(path: Path, required: list[str], usecols: Callable[[str], bool],
+                      chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """:func:`read_table` in chunks of ``chunk_rows`` rows, so that a large file's peak memory
+    is about one chunk's; each chunk's index holds its rows' 0-based data row numbers."""
+    if not path.is_file():
+        raise DataError(path, "no such file")
+
+    def keep(c: object) -> bool:
+        name = str(c).strip().lower()
+        return name in required or usecols(name)
+
+    try:
+        chunks = (_parquet_chunks(path, keep, chunk_rows)
+                  if path.name.lower().endswith(".parquet") else
+                  pd.read_csv(path, dtype="string", keep_default_na=False, na_values=[""],
+                              usecols=keep, chunksize=chunk_rows))
+        first = True
+        for frame in chunks:
+            frame.columns = [str(c).strip().lower() for c in frame.columns]
+            missing = [c for c in required if c not in frame.columns] if first else []
+            if missing:
+                raise DataError(path, f"missing column(s) {', '.join(missing)}")
+            first = False
+            yield frame
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "file is empty (no header row)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        raise DataError(path, f"cannot be parsed: {err}") from None
 
 
 def _canonical_or_none(raw: str) -> str | None:
@@ -239,6 +287,22 @@ def _where_of(frame: pd.DataFrame, ids: np.ndarray, kind: str,
     return out
 
 
+def _codes_by_visit(visit_key: np.ndarray, code_key: np.ndarray, names: list[str],
+                    n_visits: int) -> list[tuple[str, ...] | None]:
+    """Per visit key, its codes in input order (one shared string object per distinct code)."""
+    order = np.argsort(visit_key, kind="stable")
+    sorted_v, sorted_c = visit_key[order], code_key[order]
+    out: list[tuple[str, ...] | None] = [None] * n_visits
+    if sorted_v.size == 0:
+        return out
+    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
+    ends = np.r_[starts[1:], sorted_v.size]
+    codes = sorted_c.tolist()
+    for v, lo, hi in zip(sorted_v[starts].tolist(), starts.tolist(), ends.tolist()):
+        out[v] = tuple(names[c] for c in codes[lo:hi])
+    return out
+
+
 def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: DropLog,
              raw_counts: dict[str, int], where: dict | None = None) -> Corpus:
     """Build patients from a visits frame and a codes frame (see the module docstring).
@@ -263,6 +327,9 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
               _where_of(first, ids[bad_age], "age", where), PATIENT_LEVEL)
     keep_ids = set(ids[~(bad_sex | bad_age)])
 
+    # Integer keys: visit ids and codes are compared and grouped as numbers, not strings, and
+    # every occurrence of a code shares one string object (memory grows with distinct codes).
+    visit_key, visit_uniques = pd.factorize(visits["visit_id"])
     code_file = where.get("code", "")
     codes = codes.dropna(subset=["code"])
     if "row" not in codes.columns:
@@ -271,8 +338,11 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         codes = codes.assign(column="code")
     if "file" not in codes.columns:
         codes = codes.assign(file=code_file)
-    duplicate = codes.duplicated(["visit_id", "code"]).to_numpy()
-    orphan = ~duplicate & ~codes["visit_id"].isin(set(visits["visit_id"])).to_numpy()
+    code_visit = pd.Index(visit_uniques).get_indexer(codes["visit_id"])
+    code_key, code_names = pd.factorize(codes["code"])
+    pair = code_visit.astype(np.int64) * (len(code_names) + 1) + code_key
+    duplicate = pd.Series(pair).duplicated().to_numpy()
+    orphan = ~duplicate & (code_visit < 0)
     for reason, mask in (("duplicate code within a visit", duplicate),
                          ("diagnosis of an unknown visit", orphan)):
         drops.add(reason, int(mask.sum()))
@@ -280,10 +350,9 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
             shown_visit = str(rec["visit_id"]).replace("\x1f", " visit ")
             drops.example(reason, _at(str(rec["file"]), int(rec["row"]), str(rec["column"]),
                                       rec["code"], f"visit {shown_visit} code {rec['code']}"))
-    codes = codes[~(duplicate | orphan)]
-    by_visit: dict[object, list[str]] = {}
-    for visit_id, code in zip(codes["visit_id"].to_numpy(), codes["code"].to_numpy()):
-        by_visit.setdefault(visit_id, []).append(str(code))
+    kept = ~(duplicate | orphan)
+    names = [str(c) for c in code_names]
+    by_visit = _codes_by_visit(code_visit[kept], code_key[kept], names, len(visit_uniques))
     age_of = ages.to_dict()
     sex_of = sexes.to_dict()
 
@@ -295,9 +364,12 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
     visit_ids = visits["visit_id"].to_numpy()
 
     def visit_at(i: int) -> str:
-        shown = str(visit_ids[i]).replace("\x1f", " visit ")
-        return _at(str(visit_files[i]), int(visit_rows[i]), visit_column, shown,
-                   f"patient {shown}" if "\x1f" in str(visit_ids[i]) else f"visit {shown}")
+        raw = visit_ids[i]
+        shown = str(raw).replace("\x1f", " visit ")
+        # Integer keys that a loader made up are not worth showing: the row points at the visit.
+        value = None if isinstance(raw, (int, np.integer)) else shown
+        return _at(str(visit_files[i]), int(visit_rows[i]), visit_column, value,
+                   f"patient {shown}" if "\x1f" in shown else f"visit {shown}")
 
     has_times = "start" in visits.columns
     if has_times:
@@ -313,6 +385,8 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
             for i in np.flatnonzero(reversed_)[: drops.max_examples]:
                 drops.example(reason, visit_at(i))
             end_s = np.maximum(end_s, start_s)
+        start_list, end_list = start_s.tolist(), end_s.tolist()  # whole seconds: exact
+        missing_list = missing_time.tolist()
 
     patients: list[Patient] = []
     no_visit: list[object] = []
@@ -321,10 +395,10 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
     # One pass over visits sorted by patient: far faster than iterating groupby groups.
     current: object = None
     current_visits: list[tuple[str, ...]] = []
-    current_times: list[tuple[float, float]] | None = []
+    current_times: list[tuple[int, int]] | None = []
 
     def close(patient_id: object, patient_visits: list[tuple[str, ...]],
-              times: list[tuple[float, float]] | None) -> None:
+              times: list[tuple[int, int]] | None) -> None:
         if not patient_visits:
             no_visit.append(patient_id)
             return
@@ -336,7 +410,8 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
         patients.append(Patient(str(patient_id), float(age_of[patient_id]),
                                 str(sex_of[patient_id]), tuple(patient_visits), visit_times))
 
-    for i, (patient_id, visit_id) in enumerate(zip(visits["patient_id"].to_numpy(), visit_ids)):
+    for i, (patient_id, key) in enumerate(zip(visits["patient_id"].to_numpy(),
+                                              visit_key.tolist())):
         if patient_id not in keep_ids:
             continue
         if patient_id != current:
@@ -344,14 +419,14 @@ def assemble(source: str, visits: pd.DataFrame, codes: pd.DataFrame, drops: Drop
                 close(current, current_visits, current_times)
             current, current_visits = patient_id, []
             current_times = [] if has_times else None
-        visit_codes = by_visit.get(visit_id)
+        visit_codes = by_visit[key]
         if visit_codes:
-            current_visits.append(tuple(visit_codes))
+            current_visits.append(visit_codes)
             if current_times is not None:
-                if missing_time[i]:
+                if missing_list[i]:
                     current_times = None  # one visit without a time: no times for the patient
                 else:
-                    current_times.append((float(start_s[i]), float(end_s[i])))
+                    current_times.append((start_list[i], end_list[i]))
         else:
             empty_visits += 1
             if len(empty_examples) < drops.max_examples:

@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from app.corpus import Corpus, DropLog
+from app.corpus import Corpus, DropLog, describe_row
 from training.loaders.common import (
+    CHUNK_ROWS,
     DataError,
     assemble,
     normalize_code_column,
     parse_dates,
     read_table,
+    read_table_chunks,
 )
 
 SYNPUF_DATE_FORMAT = "%Y%m%d"
@@ -42,6 +44,56 @@ SUFFIXES = (".csv", ".csv.gz", ".zip", ".csv.zip", ".parquet")
 CLAIM_KINDS = ("inpatient", "outpatient", "carrier")
 _DIAGNOSIS = re.compile(r"^(?:admtng_icd9_dgns_cd|icd9_dgns_cd_\d+|line_icd9_dgns_cd_\d+)$")
 _SEX = {"1": "M", "2": "F"}
+
+
+CLAIM_COLUMNS = ["desynpuf_id", "clm_id", "clm_from_dt", "clm_thru_dt"]
+# Claim keys: kind * 10^16 + CLM_ID where CLM_ID is a number below 10^16 (as in the released
+# files), which keeps millions of claims as int64 rather than strings; else a text key.
+_KIND_STRIDE = 10**16
+
+
+def _is_diagnosis(column: str) -> bool:
+    return _DIAGNOSIS.match(column) is not None
+
+
+def _claim_keys(clm_id: pd.Series, patient: pd.Series, kind: str, kind_index: int) -> pd.Series:
+    number = pd.to_numeric(clm_id, errors="coerce")
+    numeric = number.notna().all() and bool((number >= 0).all() & (number < _KIND_STRIDE).all())
+    if numeric and (number == number.round()).all():
+        return number.astype("int64") + kind_index * _KIND_STRIDE
+    return (patient + "\x1f" + kind + " claim " + clm_id.astype("string")).astype(object)
+
+
+def _claim_chunk(claims: pd.DataFrame, kind: str, kind_index: int, file: str, fmt: str,
+                 drops: DropLog) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One chunk of a claims file reduced to its visits (one row per claim row) and codes."""
+    columns = [c for c in claims.columns if _is_diagnosis(c)]
+    if not columns:
+        raise DataError(file, "no ICD-9 diagnosis column (ADMTNG_ICD9_DGNS_CD, "
+                              "ICD9_DGNS_CD_<n> or LINE_ICD9_DGNS_CD_<n>)")
+    patient = claims["desynpuf_id"].astype("string").str.strip()
+    visit_id = _claim_keys(claims["clm_id"].astype("string").str.strip(), patient, kind,
+                           kind_index)
+    rows = claims.index.to_numpy()
+    visits = pd.DataFrame({"patient_id": patient.to_numpy(), "visit_id": visit_id.to_numpy(),
+                           "start": parse_dates(claims["clm_from_dt"], file, "clm_from_dt", fmt),
+                           "end": parse_dates(claims["clm_thru_dt"], file, "clm_thru_dt", fmt),
+                           "row": rows})
+    visits["file"] = pd.Categorical([file] * len(visits))
+    parts = []
+    for rank, column in enumerate(columns):
+        values = claims[column]
+        present = (values.notna() & (values.str.strip() != "")).to_numpy()
+        codes = normalize_code_column(values[present], file, column, drops, count_missing=False)
+        parts.append(pd.DataFrame({"visit_id": visit_id.to_numpy()[present],
+                                   "code": codes.to_numpy(), "row": rows[present],
+                                   "rank": rank, "column": column}))
+    # A claim's codes in the order the file lists them: row by row, column by column.
+    codes = pd.concat(parts, ignore_index=True).sort_values(["row", "rank"], kind="stable")
+    codes = codes.drop(columns="rank").dropna(subset=["code"])
+    codes["column"] = codes["column"].astype("category")
+    codes["file"] = pd.Categorical([file] * len(codes))
+    return visits, codes
 
 
 def _files(folder: Path, marker: str) -> list[Path]:
@@ -80,34 +132,22 @@ def load_synpuf(folder: str | Path, date_format: str | None = None) -> Corpus:
 
     visit_parts, code_parts = [], []
     raw: dict[str, int] = {"beneficiaries": len(demo)}
-    for kind, path in claim_files:
-        claims = read_table(path, ["desynpuf_id", "clm_id", "clm_from_dt", "clm_thru_dt"],
-                            usecols=lambda c: _DIAGNOSIS.match(c) is not None)
-        columns = [c for c in claims.columns if _DIAGNOSIS.match(c)]
-        if not columns:
-            raise DataError(path, "no ICD-9 diagnosis column (ADMTNG_ICD9_DGNS_CD, "
-                                  "ICD9_DGNS_CD_<n> or LINE_ICD9_DGNS_CD_<n>)")
-        patient = claims["desynpuf_id"].astype("string").str.strip()
-        visit_id = patient + "\x1f" + kind + " claim " + claims["clm_id"].astype("string")
-        start = parse_dates(claims["clm_from_dt"], path.name, "clm_from_dt", fmt)
-        end = parse_dates(claims["clm_thru_dt"], path.name, "clm_thru_dt", fmt)
-        visit_parts.append(pd.DataFrame({"patient_id": patient, "visit_id": visit_id,
-                                         "start": start, "end": end,
-                                         "row": np.arange(len(claims)), "file": path.name}))
-        file_codes = []
-        for rank, column in enumerate(columns):
-            values = claims[column]
-            present = values.notna() & (values.str.strip() != "")
-            codes = normalize_code_column(values[present], path.name, column, drops,
-                                          count_missing=False)
-            file_codes.append(pd.DataFrame({"visit_id": visit_id[present], "code": codes,
-                                            "row": np.flatnonzero(present.to_numpy()),
-                                            "rank": rank, "column": column, "file": path.name}))
-        # A claim's codes in the order the file lists them: row by row, column by column.
-        code_parts.append(pd.concat(file_codes).sort_values(["row", "rank"], kind="stable"))
-        raw[f"{kind} claim rows"] = raw.get(f"{kind} claim rows", 0) + len(claims)
+    for kind_index, (kind, path) in enumerate(claim_files):
+        n_rows = 0
+        for claims in read_table_chunks(path, CLAIM_COLUMNS, _is_diagnosis, CHUNK_ROWS):
+            visits_part, codes_part = _claim_chunk(claims, kind, kind_index, path.name, fmt,
+                                                   drops)
+            visit_parts.append(visits_part)
+            code_parts.append(codes_part)
+            n_rows += len(claims)
+        raw[f"{kind} claim rows"] = raw.get(f"{kind} claim rows", 0) + n_rows
 
     visits = pd.concat(visit_parts, ignore_index=True)
+    owners = visits.groupby("visit_id", sort=False)["patient_id"].nunique()
+    if (owners > 1).any():
+        shared = visits[visits["visit_id"] == owners.index[np.argmax(owners.to_numpy() > 1)]]
+        raise DataError(shared["file"].iloc[1], "a CLM_ID belongs to two beneficiaries",
+                        row=int(shared["row"].iloc[1]) + 1, column="clm_id")
     # An inpatient claim's segments share a CLM_ID: one visit, spanning all its segments.
     span = visits.groupby("visit_id", sort=False).agg(start=("start", "min"), end=("end", "max"))
     visits = visits.drop(columns=["start", "end"]).drop_duplicates("visit_id")
@@ -118,14 +158,14 @@ def load_synpuf(folder: str | Path, date_format: str | None = None) -> Corpus:
         reason = "claim of a beneficiary missing from the Beneficiary Summary files"
         drops.add(reason, int(unknown.sum()))
         for _, rec in visits[unknown].head(drops.max_examples).iterrows():
-            drops.example(reason, f"{rec['file']} data row {int(rec['row']) + 1}, column "
-                                  f"desynpuf_id, value {rec['patient_id']!r}")
+            drops.example(reason, describe_row(str(rec["file"]), int(rec["row"]) + 1,
+                                               "desynpuf_id", rec["patient_id"]))
     visits = visits[~unknown].merge(demo, on="patient_id")
     visits["age"] = (visits["start"] - visits["birth"]).dt.total_seconds() / SECONDS_PER_YEAR
     raw["claims"] = len(visits) + int(unknown.sum())
-    codes = pd.concat(code_parts, ignore_index=True).drop(columns="rank")
+    codes = pd.concat(code_parts, ignore_index=True)
     # The codes of a claim dropped above are covered by that claim's drop.
-    codes = codes[codes["visit_id"].isin(set(visits["visit_id"]))]
+    codes = codes[codes["visit_id"].isin(visits["visit_id"])]
     where = {"visit": ("", "clm_id"), "sex": ("", "bene_sex_ident_cd"),
              "age": ("", "bene_birth_dt")}
     return assemble("synpuf", visits, codes, drops, raw, where)
