@@ -279,3 +279,18 @@ def test_cli_reports_lengths_against_max_positions(shared_data: Path) -> None:
     assert "patients longer than 40 tokens" in result.output
     assert "patient length in tokens, p99" in result.output
     assert "visits per patient, max" in result.output
+
+
+def test_synpuf_reads_in_chunks_and_from_parquet(tmp_path: Path, monkeypatch) -> None:
+    import training.loaders.synpuf as synpuf
+
+    folder = write_synpuf(tmp_path / "synpuf")
+    outpatient = next(p for p in folder.iterdir() if "Outpatient" in p.name)
+    pd.read_csv(outpatient, dtype=str).to_parquet(folder / "Outpatient_Claims.parquet")
+    outpatient.unlink()
+    monkeypatch.setattr(synpuf, "CHUNK_ROWS", 2)  # chunk borders split claims and files
+    corpus = load_corpus("synpuf", folder)
+    assert {p.patient_id: (p.sex, p.visits, p.visit_times) for p in corpus.patients} == EXPECTED
+    assert dict(corpus.drops.counts) == EXPECTED_DROPS
+    assert "Outpatient_Claims.parquet data row 2, column icd9_dgns_cd_1, value 'OTHER'" in \
+        corpus.drops.examples["not an ICD-9-CM code"]
