@@ -9,9 +9,10 @@ A loader reduces its source to two frames and hands them to :func:`assemble`:
   ``sex`` (``F``/``M``; anything else drops the patient). Optional: ``start`` and ``end``
   (``datetime64[s]`` visit times, which fill :attr:`Patient.visit_times`), ``row`` (the visit's
   0-based data row, for examples), ``sex_row``/``sex_raw`` and ``age_row``/``age_raw`` (where a
-  patient's sex and age were read, and the raw text, for examples of patient drops).
+  patient's sex and age were read, and the raw text, for examples of patient drops), and, where
+  rows come from several files, ``file``, ``sex_file`` and ``age_file``.
 - ``codes``: one row per diagnosis: ``visit_id``, ``code`` (already canonical), optionally
-  ``row`` (0-based data row) and ``column`` (the column it was read from).
+  ``row`` (0-based data row), ``column`` (the column it was read from) and ``file``.
 
 ``where`` tells :func:`assemble` which file and column each of those rows refers to, so every
 drop reason carries examples with file, 1-based data row (header excluded), column and value.
