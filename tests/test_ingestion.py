@@ -282,7 +282,7 @@ def test_cli_reports_lengths_against_max_positions(shared_data: Path) -> None:
 
 
 def test_synpuf_reads_in_chunks_and_from_parquet(tmp_path: Path, monkeypatch) -> None:
-    import training.loaders.synpuf as synpuf
+    from training.loaders import synpuf
 
     folder = write_synpuf(tmp_path / "synpuf")
     outpatient = next(p for p in folder.iterdir() if "Outpatient" in p.name)
