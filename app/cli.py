@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.corpus import Corpus, corpus_stats
+from app.corpus import Corpus, corpus_stats, length_stats
 
 app = typer.Typer(help="Synthetic EHR patients: data, training, evaluation and serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,9 +30,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def print_corpus_report(corpus: Corpus, title: str) -> None:
-    """The ``data stats`` report: raw counts, corpus summary, demographics and drops."""
+def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 256) -> None:
+    """The ``data stats`` report: raw counts, corpus summary, demographics, patient lengths
+    against ``max_positions`` and drops (with level and examples)."""
     stats = corpus_stats(corpus.patients)
+    lengths = length_stats(corpus.patients, max_positions)
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -50,15 +52,29 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
     ]
     rows += [(f"age {label}", f"{count:,}") for label, count in stats.age_bins.items()]
     rows += [(f"sex {sex}", f"{count:,}") for sex, count in stats.sex.items()]
+    # Token length of a patient: 2 + sum over visits of (codes + 2) (app.corpus.token_length).
+    rows += [(f"patient length in tokens, {q}", f"{v:,}")
+             for q, v in lengths.token_percentiles.items()]
+    share = lengths.over_limit / stats.patients if stats.patients else 0.0
+    rows += [(f"patients longer than {max_positions} tokens",
+              f"{lengths.over_limit:,} ({share:.1%})"),
+             (f"visits of patients longer than {max_positions} tokens",
+              f"{lengths.visits_over_limit:,}")]
+    rows += [(f"visits per patient, {q}", f"{v:,}") for q, v in lengths.visit_percentiles.items()]
+    rows += [(f"patients with {label} visits", f"{count:,}")
+             for label, count in lengths.visit_histogram.items()]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    drops = Table(title=f"dropped ({corpus.drops.total:,} in all)", header_style="bold")
+    drops = Table(title=f"dropped ({corpus.drops.total:,} in all; rows are 1-based data rows, "
+                        "header excluded)", header_style="bold")
     drops.add_column("reason")
+    drops.add_column("level")
     drops.add_column("count", justify="right")
-    drops.add_column("first examples")
+    drops.add_column("first examples", overflow="fold")  # never cut a file name
     for reason, count in corpus.drops.counts.most_common():
-        drops.add_row(reason, f"{count:,}", "; ".join(corpus.drops.examples.get(reason, [])))
+        drops.add_row(reason, corpus.drops.levels.get(reason, "row"), f"{count:,}",
+                      "; ".join(corpus.drops.examples.get(reason, [])))
     console.print(drops)
 
 
@@ -66,22 +82,34 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
 def data_stats(
     path: Annotated[Path | None, typer.Argument(
         help="Folder (MIMIC, eICU) or file (UCI, generic); omit with --preset.")] = None,
-    source: Annotated[str, typer.Option(help="mimic3, mimic4, eicu, uci or generic.")] = "generic",
+    source: Annotated[str, typer.Option(
+        help="mimic3, mimic4, eicu, uci, generic or synpuf.")] = "generic",
     preset: Annotated[str | None, typer.Option(
         help="Describe a simulated corpus instead: demo or mimic3-scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
+    date_format: Annotated[str | None, typer.Option(
+        help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
+             "default ISO 8601 (DE-SynPUF: YYYYMMDD). Dates are never guessed.")] = None,
+    max_positions: Annotated[int, typer.Option(
+        min=1, help="Report how many patients are longer than this many tokens.")] = 256,
+    max_drop_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fail when more than this share of patients is dropped.")] = 0.5,
 ) -> None:
-    """Load a source and print patients, visits, codes, demographics and drops by reason."""
+    """Load a source and print patients, visits, codes, demographics, patient lengths and drops
+    by reason with examples."""
     from training.cli_train import load_training_corpus
-    from training.loaders import DataError
+    from training.loaders import DataError, load_corpus
 
     if (path is None) == (preset is None):
         raise fail("give a PATH (with --source) or --preset, not both")
     try:
-        corpus = load_training_corpus(None if preset else source, path, preset, seed)
+        corpus = (load_training_corpus(None, None, preset, seed) if preset else
+                  load_corpus(source, path, date_format=date_format,
+                              max_drop_share=max_drop_share))
     except (DataError, ValueError) as err:
         raise fail(str(err)) from None
-    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}")
+    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}",
+                        max_positions)
 
 
 def _parse_value(text: str):
