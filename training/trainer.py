@@ -26,12 +26,12 @@ import torch
 
 from app.cooccurrence import build_cooccurrence
 from app.corpus import Corpus, Patient
-from app.vocab import Vocabulary
 from training.bundle import corpus_hash, write_bundle
 from training.config import ObjectiveConfig, RunConfig
 from training.dataset import EncodedPatient, collate, encode_patients, length_batches
 from training.model import HierBart
 from training.objective import compute_loss, cooc_operator
+from training.privacy.run import prepare_privacy
 from training.splits import split_patients
 
 __all__ = ["TrainResult", "evaluate", "peak_rss_mb", "subsample", "train"]
@@ -136,8 +136,10 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     if not train_patients or not split.val:
         raise ValueError(f"corpus {corpus.source!r} is too small: {split.sizes()} patients "
                          f"in train/val/test")
-    vocab = Vocabulary.from_patients(train_patients)
-    cooc = build_cooccurrence(train_patients, vocab)
+    # small-cell suppression; a DP run also checks its settings and releases its statistics
+    privacy = prepare_privacy(config, train_patients, resume=resume)
+    vocab = privacy.vocab
+    cooc = None if privacy.dp else build_cooccurrence(train_patients, vocab)
     cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
     max_len = config.model.max_positions
     enc_train = encode_patients(train_patients, vocab, max_len)
@@ -156,6 +158,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     steps_per_epoch = math.ceil(len(enc_train) / tc.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(tc.warmup_steps, steps_per_epoch * tc.epochs))
+    private = privacy.attach(model, optimizer, oc, tc.seed)  # None unless DP
 
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
@@ -188,16 +191,21 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         model.train()
         total, n_tok = 0.0, 0
         code_nll, n_code = 0.0, 0
-        batches = list(length_batches(lengths, tc.batch_size, rng))
+        batches = private.batches(epoch) if private else \
+            list(length_batches(lengths, tc.batch_size, rng))
         bar = _progress(batches, progress, f"epoch {epoch + 1}/{tc.epochs}")
         for n_batches, idx in enumerate(bar, start=1):
-            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train")
-            out = compute_loss(model, batch, oc, cooc_t)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
+            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train") \
+                if len(idx) else None
+            if private:  # DP-SGD: per-sample clipping and noise replace the plain step
+                out = private.step(batch)
+            else:
+                out = compute_loss(model, batch, oc, cooc_t)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
             scheduler.step()
             total += float(out.loss.detach()) * out.n_tokens
             n_tok += out.n_tokens
@@ -232,7 +240,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             f"{' *' if improved else ''} | {record['seconds']:.0f}s")
         epochs_run += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        if bad_epochs >= tc.patience:
+        if private and private.exhausted:
+            stopped_by, done = "privacy_budget", True
+        elif bad_epochs >= tc.patience:
             stopped_by, done = "early_stopping", True
         elif epoch + 1 >= tc.epochs:
             stopped_by, done = "epochs", True
@@ -273,7 +283,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     sizes["train_used"] = len(train_patients)
     manifest = write_bundle(out_dir, model=model, vocab=vocab, cooccurrence=cooc,
                             train_patients=train_patients, run_config=config.to_dict(),
-                            data=data, splits=sizes, metrics=metrics)
+                            data=data, splits=sizes, metrics=metrics,
+                            privacy=privacy.manifest(tc.min_patients_per_code),
+                            reference=privacy.release.reference_stats if privacy.dp else None)
     log(f"test per-code perplexity from demographics {test_gen['ppl_code']:.2f} "
         f"(full patient in the encoder: {test_full['ppl_code']:.2f}); bundle written to "
         f"{out_dir} in {wall / 60:.1f} min, peak RSS {metrics['peak_rss_mb']:.0f} MiB")
