@@ -23,6 +23,7 @@ Bad settings raise :class:`DPSettingsError` before any training (see :func:`plan
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,6 +37,9 @@ __all__ = ["ACCOUNTANT", "DPPlan", "DPSettingsError", "PrivateSGD", "check_model
            "composed_epsilon", "plan_dp"]
 
 ACCOUNTANT = "rdp"  # Opacus RDPAccountant
+# RDP orders searched: Opacus' defaults (up to 63) and larger ones, which small epsilons need
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + \
+    list(range(64, 256, 8)) + [256, 384, 512, 768, 1024]
 
 
 class DPSettingsError(ValueError):
@@ -84,7 +88,9 @@ def composed_epsilon(delta: float, *, sgd: tuple[float, float, int] | None = Non
         history.append(sgd)
     if not history:
         return 0.0
-    return float(_accountant(history).get_epsilon(delta))
+    with warnings.catch_warnings():  # the calibration probes orders at the range's ends
+        warnings.simplefilter("ignore", UserWarning)
+        return float(_accountant(history).get_epsilon(delta, alphas=ALPHAS))
 
 
 def plan_dp(tc: TrainConfig, objective: ObjectiveConfig, n_train: int, *,
@@ -136,10 +142,13 @@ def plan_dp(tc: TrainConfig, objective: ObjectiveConfig, n_train: int, *,
     try:
         z_stats = get_noise_multiplier(target_epsilon=eps_stats_target, target_delta=delta / 2,
                                        sample_rate=1.0, steps=stats_releases,
-                                       accountant=ACCOUNTANT, epsilon_tolerance=0.005)
+                                       accountant=ACCOUNTANT, epsilon_tolerance=0.005,
+                                       alphas=ALPHAS)
     except ValueError as err:
-        raise DPSettingsError(f"the statistics' share of epsilon ({eps_stats_target:.3g}) "
-                              f"cannot be reached: {err}") from None
+        raise DPSettingsError(f"--dp-epsilon {eps:g} cannot be reached: its statistics "
+                              f"share ({eps_stats_target:.3g}, train.dp_stats_fraction) is out "
+                              f"of the accountant's range ({err}). What would reach it: a "
+                              f"larger --dp-epsilon or train.dp_stats_fraction") from None
 
     z_cap = float(tc.dp_max_noise_multiplier)
 
@@ -267,7 +276,7 @@ class PrivateSGD:
 
     def epsilon(self) -> float:
         """Epsilon spent so far: statistics releases + DP-SGD steps taken."""
-        return float(self.accountant.get_epsilon(self.plan.delta))
+        return float(self.accountant.get_epsilon(self.plan.delta, alphas=ALPHAS))
 
     # -- per-sample gradients -----------------------------------------------------------------
     def _per_sample(self, batch) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:

@@ -9,13 +9,13 @@ full-batch Gaussian step each (noise multiplier ``z``, sample rate 1):
    code and its 3- and 4-character prefixes, so the domain depends on no patient), each
    patient contributes 1 to every distinct code it carries, the vector clipped to L2 norm
    ``sqrt(max_codes_per_patient)``. Codes whose noisy patient count reaches ``k`` (the
-   small-cell threshold) plus 3 noise standard deviations form the vocabulary; the rounded noisy counts become its counts
-   (patients, not visits, in a DP bundle).
+   small-cell threshold) plus 4.5 noise standard deviations form the vocabulary; the rounded
+   noisy counts become its counts (patients, not visits, in a DP bundle).
 2. **Reference statistics.** Each patient contributes a one-hot of its number of visits (1..the
    service's visit cap) and a one-hot of its largest visit's number of codes (1..the service's
    code cap), clipped to L2 norm ``sqrt(2)`` (exact: a patient's vector has that norm). Bins
-   whose noisy count is below ``k`` plus 3 noise deviations are dropped; patient and visit totals are sums of the
-   noisy histogram.
+   whose noisy count is below ``k`` plus 4.5 noise deviations are dropped; patient and visit
+   totals are sums of the noisy histogram.
 
 Everything else the non-DP bundle ships from training records (co-occurrence matrix, age and
 sex distributions, the retrieval index of training patients) is left out of a DP bundle.
@@ -40,7 +40,10 @@ __all__ = ["STATS_RELEASES", "StatsRelease", "gaussian_clipped_sum", "public_cod
            "release_statistics"]
 
 STATS_RELEASES = 2  # Gaussian mechanisms charged to the accountant by release_statistics
-NOISE_MARGIN = 3.0  # released codes and bins need k + NOISE_MARGIN noise deviations
+# Released codes and bins need k + NOISE_MARGIN noise deviations: over ~17,500 public codes
+# that nobody carries, noise alone passes with P(Z > 4.5 + k/sd) each (about 0.1 code in all
+# at k = 0; 3 deviations would admit about 24 codes of pure noise)
+NOISE_MARGIN = 4.5
 
 
 def public_code_domain() -> list[str]:
@@ -105,8 +108,7 @@ def release_statistics(patients: Sequence[Patient], *, min_patients: int,
                                np.asarray(indptr)), shape=(len(patients), len(domain)))
     clip = float(np.sqrt(max_codes_per_patient))
     noisy = gaussian_clipped_sum(incidence, clip, noise_multiplier, rng)
-    # k + 3 noise deviations: over ~17,500 public codes a bare k would let noise alone admit
-    # thousands of codes no patient carries (P(noise > 3 sd) = 0.13%)
+    # a bare k would let noise alone admit thousands of codes no patient carries
     threshold = max(min_patients, 1) + NOISE_MARGIN * noise_multiplier * clip
     keep = np.flatnonzero(noisy >= threshold)
     codes = [domain[i] for i in keep]
