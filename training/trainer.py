@@ -139,6 +139,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     # small-cell suppression; a DP run also checks its settings and releases its statistics
     privacy = prepare_privacy(config, train_patients, resume=resume)
     vocab = privacy.vocab
+    log(privacy.describe(tc.min_patients_per_code))
     cooc = None if privacy.dp else build_cooccurrence(train_patients, vocab)
     cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
     max_len = config.model.max_positions

@@ -41,6 +41,18 @@ class PrivacySetup:
     def dp(self) -> bool:
         return self.plan is not None
 
+    def describe(self, k: int) -> str:
+        """One log line: suppression, and for a DP run the calibrated plan."""
+        text = f"small-cell suppression k={k}"
+        if self.plan is None:
+            return f"{text}: {self.vocab.suppressed} codes removed"
+        p = self.plan
+        return (f"{text} (on DP-noisy counts); DP: epsilon {p.epsilon:g} (planned "
+                f"{p.epsilon_planned:.3f}: statistics alone {p.epsilon_stats_alone:.3f}), delta "
+                f"{p.delta:.3g}, noise multiplier {p.noise_multiplier:.3f}, clipping norm "
+                f"{p.max_grad_norm:g}, {p.steps} steps over {p.epochs} epochs (sample rate "
+                f"{p.sample_rate:.4g}); the budget is spent only if all epochs run")
+
     def attach(self, model, optimizer, objective, seed: int) -> PrivateSGD | None:
         """For a DP run, the private step over ``model``/``optimizer`` (checks the model)."""
         if self.plan is None:
