@@ -128,6 +128,10 @@ def train_command(
     """Train the hierarchical BART on a corpus and write a bundle to OUT."""
     from training.cli_train import run_train
 
+    if dp_epsilon is not None and not dp_epsilon > 0:  # 0 would silently mean "no DP"
+        raise fail(f"--dp-epsilon must be a positive finite number, got {dp_epsilon!r}")
+    if dp_delta is not None and dp_epsilon is None:
+        raise fail("--dp-delta needs --dp-epsilon (differential privacy is off without it)")
     overrides = {}
     for key, value in (("train.dp_epsilon", dp_epsilon), ("train.dp_delta", dp_delta),
                        ("train.min_patients_per_code", min_patients)):

@@ -185,8 +185,6 @@ def test_per_sample_gradients_equal_single_patient_backward():
     model.eval()
     for i in (0, 4):
         model.zero_grad()
-        one = collate([enc[i]], np.random.default_rng(0), ObjectiveConfig(), mode="full",
-                      shuffle=False)
         # the same row as in the batch (codes in the batch's shuffled order), unpadded
         width = int((batch.labels[i] != 0).sum())
         out = private.loss_module(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1],
@@ -194,7 +192,6 @@ def test_per_sample_gradients_equal_single_patient_backward():
                                   batch.labels[i:i + 1, :width], batch.age[i:i + 1],
                                   batch.sex[i:i + 1])
         out[0].sum().backward()
-        del one
         for name, p in private.loss_module.named_parameters():
             ref = p.grad if p.grad is not None else torch.zeros_like(p)
             assert torch.allclose(grads[name][i], ref, atol=1e-5, rtol=1e-3), name
@@ -217,8 +214,8 @@ def test_dp_manifest_records_the_guarantee(dp_bundle):
     dp = dp_bundle.manifest["privacy"]["differential_privacy"]
     assert 0 < dp["epsilon"] <= dp["epsilon_target"] == 8.0
     assert dp["epsilon"] >= 7.5  # the planned steps were taken: the budget is spent
-    assert dp["delta"] == pytest.approx(len(corpus().patients) * 0 + dp["delta"])
-    assert dp["delta"] < 1 / dp_bundle.manifest["splits"]["train_used"]
+    n_train = dp_bundle.manifest["splits"]["train_used"]
+    assert dp["delta"] == pytest.approx(n_train ** -1.1) and dp["delta"] < 1 / n_train
     assert dp["accountant"].startswith("RDP") and dp["max_grad_norm"] == 1.0
     assert dp["noise_multiplier"] > 0 and dp["steps"] == dp["steps_planned"]
     assert dp["split"]["composed_total"] == pytest.approx(dp["epsilon"])
@@ -281,3 +278,17 @@ def test_info_shows_dp_fields(dp_bundle):
     for text in ("differential privacy", "epsilon", "noise multiplier", "clipping norm",
                  "small-cell suppression", "k = 11"):
         assert text in result.output, text
+
+
+def test_cli_refuses_bad_dp_settings_before_training(tmp_path):
+    runner = CliRunner()
+    for args, message in ((["--dp-epsilon", "0"], "--dp-epsilon must be a positive finite"),
+                          (["--dp-epsilon", "-2"], "--dp-epsilon must be a positive finite"),
+                          (["--dp-delta", "1e-6"], "--dp-delta needs --dp-epsilon"),
+                          (["--dp-epsilon", "8", "--dp-delta", "0.01"],
+                           "--dp-delta must lie in (0, 1/1,600)")):
+        result = runner.invoke(cli_app, ["train", "--preset", "demo", "--size", "tiny",
+                                         "--out", str(tmp_path / "b"), "--no-progress", *args])
+        assert result.exit_code != 0, args
+        assert message in " ".join(result.output.split()), (args, result.output)
+        assert not (tmp_path / "b" / "manifest.json").exists()
