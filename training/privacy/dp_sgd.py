@@ -7,9 +7,13 @@
   Opacus' :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`).
 * **Per-sample gradients** come from ``torch.func`` (``vmap`` of ``grad`` over a
   ``functional_call`` of the whole loss), Opacus' functorch approach applied to the whole
-  model: the hierarchical output head reuses the embedding tables as output weights outside
-  any module's ``forward``, which Opacus' per-layer hooks would miss. A dry run on two patients
-  checks them against one-patient backward passes before training.
+  model. Opacus' hook-based ``GradSampleModule`` cannot take :class:`HierBart`: it refuses it
+  ("Model contains a trainable layer with buffers that Opacus doesn't currently support":
+  the model holds its output biases and hierarchy buffers itself), and its per-layer hooks
+  would miss the output head's reuse of the embedding tables as output weights outside any
+  module's ``forward``. A dry run on two patients checks the per-sample gradients against
+  one-patient backward passes before training; Opacus' ``ModuleValidator`` names layers it
+  cannot train privately (e.g. BatchNorm).
 * **Accounting.** Opacus' RDP accountant. It holds the DP-SGD steps and the Gaussian releases of
   the statistics (:mod:`training.privacy.release`, sample rate 1), so the epsilon it reports
   is the bundle's total. ``dp_stats_fraction`` of the budget calibrates the statistics' noise;
