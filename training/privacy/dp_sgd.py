@@ -144,10 +144,12 @@ def plan_dp(tc: TrainConfig, objective: ObjectiveConfig, n_train: int, *,
 
     eps_stats_target = eps * tc.dp_stats_fraction
     try:
-        z_stats = get_noise_multiplier(target_epsilon=eps_stats_target, target_delta=delta / 2,
-                                       sample_rate=1.0, steps=stats_releases,
-                                       accountant=ACCOUNTANT, epsilon_tolerance=0.005,
-                                       alphas=ALPHAS)
+        with warnings.catch_warnings():  # orders at the range's end: see ALPHAS
+            warnings.simplefilter("ignore", UserWarning)
+            z_stats = get_noise_multiplier(target_epsilon=eps_stats_target,
+                                           target_delta=delta / 2, sample_rate=1.0,
+                                           steps=stats_releases, accountant=ACCOUNTANT,
+                                           epsilon_tolerance=0.005, alphas=ALPHAS)
     except ValueError as err:
         raise DPSettingsError(f"--dp-epsilon {eps:g} cannot be reached: its statistics "
                               f"share ({eps_stats_target:.3g}, train.dp_stats_fraction) is out "
