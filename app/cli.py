@@ -145,13 +145,30 @@ def train_command(
         help="cpu (default) or cuda (a CUDA GPU, where torch sees one).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing bundle in OUT.")] = False,
+    dp_epsilon: Annotated[float | None, typer.Option(
+        "--dp-epsilon", help="Train with differential privacy (DP-SGD, Opacus) within this "
+                             "total epsilon; statistics are DP-released from the same budget.")
+    ] = None,
+    dp_delta: Annotated[float | None, typer.Option(
+        "--dp-delta", help="DP delta (default 1/n_train^1.1; must be below 1/n_train).")] = None,
+    min_patients: Annotated[int | None, typer.Option(
+        "--min-patients", help="Small-cell suppression k: codes carried by fewer training "
+                               "patients are left out (default 11).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     export: Annotated[bool, typer.Option(help="Export ONNX graphs when available.")] = True,
 ) -> None:
     """Train the hierarchical BART on a corpus and write a bundle to OUT."""
     from training.cli_train import run_train
 
+    if dp_epsilon is not None and not dp_epsilon > 0:  # 0 would silently mean "no DP"
+        raise fail(f"--dp-epsilon must be a positive finite number, got {dp_epsilon!r}")
+    if dp_delta is not None and dp_epsilon is None:
+        raise fail("--dp-delta needs --dp-epsilon (differential privacy is off without it)")
     overrides = {}
+    for key, value in (("train.dp_epsilon", dp_epsilon), ("train.dp_delta", dp_delta),
+                       ("train.min_patients_per_code", min_patients)):
+        if value is not None:
+            overrides[key] = value
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -228,6 +245,7 @@ def print_manifest(manifest: dict, title: str) -> None:
                            f"{metrics.get('threads')} threads, peak RSS "
                            f"{_fmt(metrics.get('peak_rss_mb'), 0)} MiB")),
     ]
+    rows += _privacy_rows(manifest.get("privacy") or {})
     rows += [(f"file {name}", sha[:16]) for name, sha in manifest.get("files", {}).items()]
     for key, value in rows:
         table.add_row(key, value)
@@ -268,6 +286,34 @@ def _calibration_text(info: dict | None) -> str:
     best = steps[info.get("selected_iteration", len(steps) - 1)]
     return (f"KS visits/patient vs train {steps[0]['ks_visits_per_patient_vs_train']:.3f} -> "
             f"{best['ks_visits_per_patient_vs_train']:.3f}")
+
+
+def _privacy_rows(privacy: dict) -> list[tuple[str, str]]:
+    """``info`` rows of the manifest's ``privacy`` section (older bundles have none)."""
+    small = privacy.get("small_cell_suppression")
+    rows = [("small-cell suppression", "not recorded (bundle predates it)" if not small else
+             f"k = {small.get('min_patients_per_code')}: codes carried by fewer training "
+             f"patients left out; removed "
+             f"{'not released (DP)' if small.get('codes_removed') is None else small['codes_removed']}"
+             f", kept {small.get('codes_kept')}")]
+    dp = privacy.get("differential_privacy")
+    if not dp:
+        return rows + [("differential privacy", "no")]
+    split = dp.get("split") or {}
+    rows += [
+        ("differential privacy", (f"epsilon {_fmt(dp.get('epsilon'), 3)} (target "
+                                  f"{_fmt(dp.get('epsilon_target'), 3)}), delta "
+                                  f"{dp.get('delta', 0):.3g}, accountant {dp.get('accountant')}")),
+        ("DP-SGD", (f"clipping norm {dp.get('max_grad_norm')}, noise multiplier "
+                    f"{_fmt(dp.get('noise_multiplier'), 3)}, sample rate "
+                    f"{dp.get('sample_rate', 0):.4g}, {dp.get('steps')} steps")),
+        ("epsilon split", (f"DP-SGD alone {_fmt(split.get('dp_sgd_alone'), 3)}, statistics "
+                           f"alone {_fmt(split.get('statistics_alone'), 3)}, composed "
+                           f"{_fmt(split.get('composed_total'), 3)}")),
+        ("not in this bundle", ", ".join(sorted(dp.get("unavailable_strategies") or {}))
+         + " (strategies); co-occurrence matrix, retrieval index"),
+    ]
+    return rows
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -473,6 +519,15 @@ def evaluate_command(
         engine = Engine.from_bundle(bundle, intra_op_threads=threads, batch_size=batch_size)
     except (BundleError, OSError, RuntimeError, ValueError) as err:
         raise fail(f"cannot load bundle {bundle}: {err}") from None
+    off = [s for s in names if s in engine.unavailable]
+    if off and strategies == DEFAULT_EVAL_STRATEGIES:  # the default list: skip, and say so
+        for s in off:
+            console.print(f"skipping {s}: {engine.unavailable[s]}")
+        names = [s for s in names if s not in off]
+        strategy_params = {s: v for s, v in strategy_params.items() if s in names}
+    elif off:
+        raise fail(f"bundle {bundle}: strategy {off[0]} is not available: "
+                   f"{engine.unavailable[off[0]]}; drop it from --strategies")
     if "retrieve_edit" in names and engine.retrieval is None:
         raise fail(f"bundle {bundle} has no retrieval index (train_index.json.gz): drop "
                    "retrieve_edit from --strategies")

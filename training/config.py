@@ -170,6 +170,17 @@ class TrainConfig(_Json):
     calibrate: bool = True  # fit the stop calibration (app.decoding.calibration) at the end
     calibration_patients: int = 8000  # validation demographics for the calibration sample
     device: str = "cpu"  # "cuda" trains on a CUDA GPU where one is present
+    # Small-cell suppression (every bundle): codes carried by fewer training patients are
+    # left out of the vocabulary (many data-sharing agreements use 11).
+    min_patients_per_code: int = 11
+    # Differential privacy (training.privacy): dp_epsilon > 0 turns DP-SGD on; the budget
+    # covers the model and every statistic the bundle ships. dp_delta 0: 1 / n_train^1.1.
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_max_grad_norm: float = 1.0  # per-sample clipping norm
+    dp_stats_fraction: float = 0.1  # share of epsilon spent on the released statistics
+    dp_max_codes_per_patient: int = 8  # contribution bound of the released code counts
+    dp_max_noise_multiplier: float = 20.0  # above this the model would learn nothing useful
 
 
 @dataclass

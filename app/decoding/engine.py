@@ -47,6 +47,7 @@ from app.decoding.errors import (
     ImpossibleConstraintError,
     InvalidParametersError,
     PrivacyGuardError,
+    StrategyUnavailableError,
     UnknownCodeError,
 )
 from app.decoding.grammar import (
@@ -132,7 +133,8 @@ class Engine:
                  retrieval: RetrievalIndex | None = None, max_visits: int = 20,
                  max_codes_per_visit: int = 40, max_length: int = 256, batch_size: int = 64,
                  edits: CodeEdits | None = None, max_prompt_length: int | None = None,
-                 calibration: StopCalibration | None = None) -> None:
+                 calibration: StopCalibration | None = None,
+                 unavailable: dict[str, str] | None = None) -> None:
         if getattr(model, "vocab_size", len(vocab)) != len(vocab):
             raise ValueError(f"model has {model.vocab_size} tokens, vocabulary {len(vocab)}")
         if batch_size < 1:
@@ -141,6 +143,8 @@ class Engine:
         self.vocab = vocab
         self.cooccurrence = cooccurrence
         self.retrieval = retrieval
+        # strategy -> why this bundle cannot serve it (a DP bundle: no co-occurrence, no index)
+        self.unavailable: dict[str, str] = dict(unavailable or {})
         self.max_visits = max_visits
         self.max_codes_per_visit = max_codes_per_visit
         self.max_length = max_length
@@ -176,7 +180,9 @@ class Engine:
                     bundle.file(name)  # checksum verified where the bundle registers it
         vocab = bundle.vocab
         stats = bundle.reference_stats or {}
-        cooc = CooccurrenceStats.from_vocab(bundle.cooccurrence, vocab, stats.get("n_visits"))
+        cooc = None if bundle.cooccurrence is None else \
+            CooccurrenceStats.from_vocab(bundle.cooccurrence, vocab, stats.get("n_visits"))
+        dp = (bundle.manifest.get("privacy") or {}).get("differential_privacy") or {}
         retrieval = None
         if any(bundle.has_file(n) for n in ("train_index.json.gz", "train_index.json")):
             retrieval = RetrievalIndex.from_records(bundle.load_train_index(), vocab)
@@ -189,7 +195,8 @@ class Engine:
             "max_visits": max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
             "max_codes_per_visit": max((int(k) for k in stats.get("codes_per_visit", {})),
                                        default=40),
-            "batch_size": batch_size, "calibration": calibration}
+            "batch_size": batch_size, "calibration": calibration,
+            "unavailable": dict(dp.get("unavailable_strategies") or {})}
         options.update(overrides)
         model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
@@ -294,6 +301,9 @@ class Engine:
         started = time.perf_counter()
         self.model_seconds = 0.0
         parsed = parse_params(strategy, params)
+        if strategy in self.unavailable:
+            raise StrategyUnavailableError(
+                f"strategy {strategy!r} is not available: {self.unavailable[strategy]}")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise InvalidParametersError(f"seed: must be a non-negative integer, got {seed!r}")
         seed = int(seed)

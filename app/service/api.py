@@ -51,6 +51,7 @@ from app.decoding.errors import (
     ImpossibleConstraintError,
     InvalidParametersError,
     PrivacyGuardError,
+    StrategyUnavailableError,
     UnknownCodeError,
 )
 from app.decoding.params import work_of
@@ -136,6 +137,8 @@ class _Invalid(Exception):
 def _generation_error_field(err: GenerationError) -> str:
     if isinstance(err, (UnknownCodeError, ImpossibleConstraintError)):
         return "must_include"
+    if isinstance(err, StrategyUnavailableError):
+        return "strategy"
     if isinstance(err, InvalidParametersError):
         return "params"
     if isinstance(err, PrivacyGuardError):
@@ -507,6 +510,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
                                  "(request_timeout_s) and was stopped: ask for fewer patients "
                                  "or candidates")
 
+    def check_strategy(gen, strategy: str) -> None:
+        """422 on ``strategy`` where the bundle cannot serve it (e.g. a DP bundle)."""
+        reason = (getattr(gen, "unavailable", None) or {}).get(strategy)
+        if reason:
+            raise _Invalid("strategy", f"strategy {strategy!r} is not available: {reason}")
+
     def check_codes(gen, codes: list[str]) -> None:
         for i, code in enumerate(codes):
             if not gen.has_code(code):
@@ -525,6 +534,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
                      "patients" if body.patients is not None else "n",
                      settings.max_patients_per_request, settings.max_decoded_rows,
                      settings.max_retries_per_request)
+        check_strategy(gen, body.strategy)
         check_codes(gen, body.must_include)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         # Concurrent requests of equal strategy/params/validity share one engine call in the
@@ -555,6 +565,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
         gen = ready_generator()
         check_limits(spec.strategy, spec.params, spec.size, "size", settings.max_cohort_size,
                      settings.max_cohort_decoded_rows, settings.max_cohort_retries)
+        check_strategy(gen, spec.strategy)
         check_codes(gen, spec.must_include)
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
@@ -662,7 +673,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
     def get_models() -> Any:
         gen = ready_generator()
         return ModelInfo(bundle_version=gen.bundle_version, strategies=list(gen.strategies),
-                         manifest=gen.manifest, evaluation=gen.evaluation)
+                         manifest=gen.manifest, evaluation=gen.evaluation,
+                         privacy=gen.manifest.get("privacy"),
+                         unavailable_strategies=dict(getattr(gen, "unavailable", {}) or {}))
 
     @v1.get("/codes/{code}", response_model=CodeDetail, tags=["model"],
             summary="An ICD-9-CM code's category, chapter and description",

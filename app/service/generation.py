@@ -93,8 +93,10 @@ class EngineGenerator:
         self.evaluation = _public(evaluation) if evaluation else None
         from app.decoding.params import STRATEGIES
 
+        self.unavailable: dict[str, str] = dict(getattr(engine, "unavailable", None) or {})
         self.strategies = [s for s in STRATEGIES
-                           if s != "retrieve_edit" or getattr(engine, "retrieval", None)]
+                           if (s != "retrieve_edit" or getattr(engine, "retrieval", None))
+                           and s not in self.unavailable]
         self._codes = set(engine.vocab.codes)
 
     def has_code(self, code: str) -> bool:

@@ -261,3 +261,8 @@ class ModelInfo(BaseModel):
     strategies: list[str]
     manifest: dict[str, Any]
     evaluation: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = Field(
+        None, description="Small-cell suppression (k, codes removed) and, for a bundle trained "
+        "with differential privacy, epsilon, delta, accountant, clipping norm, noise multiplier")
+    unavailable_strategies: dict[str, str] = Field(
+        default_factory=dict, description="Strategies this bundle cannot serve, with the reason")
