@@ -17,7 +17,8 @@ __all__ = ["default_run_config", "load_training_corpus", "run_train"]
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The demo preset is the first thing a new user meets (scripts/serve.sh builds it): a
     # tiny model on a 30-second budget, so the service answers within a minute of setup.
-    "simulated:demo": {"train.max_minutes": 0.5, "train.epochs": 40},
+    "simulated:demo": {"train.max_minutes": 0.5, "train.epochs": 40,
+                       "train.fidelity_patients": 600, "train.calibration_patients": 1000},
 }
 
 

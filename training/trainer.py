@@ -236,7 +236,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     epochs_run = 0
     done = start_epoch >= planned_epochs or (bad_epochs >= tc.patience and tc.patience > 0)
     epoch = start_epoch
-    probe_steps = min(30, steps_per_epoch)
+    probe_steps = min(max(30, steps_per_epoch // 10), steps_per_epoch)
     while not done:
         epoch_start = time.perf_counter()
         rng = np.random.default_rng([tc.seed, epoch])
@@ -280,16 +280,18 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         fidelity = None
         if tc.monitor == "fidelity":
             engine = sample_engine(model, vocab, **limits)
-            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED)
+            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED,
+                                           min_generated=tc.fidelity_patients)
             model.train()
             score = fidelity["score"]
         else:
             score = val_gen[tc.monitor]
         # what follows training: the test evaluation (two passes) and the calibration's
         # samples (four of up to calibration_patients validation demographics)
-        n_cal = min(tc.calibration_patients or len(split.val), len(split.val))
+        n_cal = tc.calibration_patients or len(split.val)
+        n_fid = max(tc.fidelity_patients, len(fid_real))
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
-            4 * fidelity["seconds"] * n_cal / max(len(fid_real), 1)
+            4 * fidelity["seconds"] * n_cal / max(n_fid, 1)
             if fidelity and tc.calibrate else 0.0)
         if higher_is_better:
             improved = not math.isfinite(best_score) or score > best_score + tc.min_delta
@@ -355,7 +357,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         cal_real = validation_subsample(split.val, tc.calibration_patients, tc.seed + 29)
         engine = sample_engine(model, vocab, **limits)
         calibration = fit_stop_calibration(
-            engine, cycled_demographics(cal_real, min(tc.calibration_patients, 4000)),
+            engine, cycled_demographics(cal_real, tc.calibration_patients),
             train_patients, seed=EVAL_SEED, log=log)
     model.cpu()
     wall = elapsed_before + time.perf_counter() - started
