@@ -26,6 +26,9 @@ class Patient:
     age: float
     sex: str
     visits: tuple[tuple[str, ...], ...]
+    # Per visit (start, end) in days since the first visit's start (first start 0.0); None where
+    # the source has no visit times. end >= start.
+    visit_times: tuple[tuple[float, float], ...] | None = None
 
     @property
     def n_codes(self) -> int:

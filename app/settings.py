@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         description="Redis URL of the job store (queue, progress, results). None: an embedded "
                     "in-process store and worker (one process only; jobs die with it).")
     key_prefix: str = Field("synthehr", description="Prefix of every Redis key this service owns.")
+    athena_vocabulary: Path | None = Field(
+        None, description="Folder of an OHDSI Athena vocabulary download (CONCEPT.csv, "
+                          "CONCEPT_RELATIONSHIP.csv) used to fill the OMOP export's concept ids; "
+                          "None: they are 0. Read once at start-up.")
 
     # -- access -----------------------------------------------------------------------------
     api_key: str | None = Field(None, description="When set, every /v1 request must carry it "

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["InvalidCodeError", "normalize_code", "try_normalize_code", "category_of"]
+__all__ = [
+    "InvalidCodeError",
+    "category_of",
+    "dotted_code",
+    "normalize_code",
+    "try_normalize_code",
+]
 
 # Canonical undotted forms: 3-5 digits; V + 2-4 digits; E + 3-4 digits.
 _CANONICAL = re.compile(r"^(?:\d{3,5}|V\d{2,4}|E\d{3,4})$")
@@ -68,3 +74,11 @@ def try_normalize_code(raw: object) -> str | None:
 def category_of(code: str) -> str:
     """The 3-character category of a canonical code (4 characters for E-codes)."""
     return code[:4] if code.startswith("E") else code[:3]
+
+
+def dotted_code(code: str) -> str:
+    """The dotted spelling of a canonical code, as FHIR and OHDSI Athena write ICD-9-CM:
+    ``25000 -> 250.00``, ``V571 -> V57.1``, ``E8120 -> E812.0``, ``401 -> 401``."""
+    category = category_of(code)
+    rest = code[len(category):]
+    return f"{category}.{rest}" if rest else category

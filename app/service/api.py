@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.athena import load_athena
 from app.decoding.errors import (
     GenerationError,
     ImpossibleConstraintError,
@@ -81,7 +82,8 @@ model trained offline. Nothing served is a training record.
 
 * `POST /v1/patients`: up to 100 patients at once, synchronously.
 * `POST /v1/cohorts`: a cohort (up to 100,000) as a background job; poll
-  `GET /v1/cohorts/{id}`, then download `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3`.
+  `GET /v1/cohorts/{id}`, then download
+  `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3|omop|fhir|parquet`.
   An identical request (spec, seed, model) returns the same job or its cached result.
 
 Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`).
@@ -277,6 +279,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
     if store is None:
         store = make_store(settings.redis_url, settings.key_prefix)
     state = ServiceState(settings, store, generator)
+    # A bad Athena folder stops start-up here, naming the file or column (app.athena).
+    concepts = (load_athena(settings.athena_vocabulary)
+                if settings.athena_vocabulary is not None else None)
     metrics = _Metrics()
 
     def load() -> None:
@@ -419,9 +424,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
             must_include=body.must_include, validity_mask=body.validity_mask)
         metrics.patients.labels(body.strategy).inc(len(patients))
         tag = hashlib.sha256(f"{seed}:{gen.bundle_version}".encode()).hexdigest()[:8]
-        rows = [exports.patient_out({"id": f"syn-{tag}-{i + 1:03d}", "age": a, "sex": s,
-                                     "visits": [list(v) for v in p.visits]})
+        context = exports.ExportContext.for_result(
+            f"patients:{seed}:{gen.bundle_version}", getattr(gen, "visit_intervals", None))
+        rows = [{"id": f"syn-{tag}-{i + 1:03d}", "n": i + 1, "age": a, "sex": s,
+                 "visits": [list(v) for v in p.visits]}
                 for i, (p, (a, s)) in enumerate(zip(patients, demographics, strict=True))]
+        rows = [exports.patient_out(row, context.dates(row)) for row in rows]
         return JSONResponse({"bundle_version": gen.bundle_version, "strategy": body.strategy,
                              "seed": seed, "patients": rows})
 
@@ -488,16 +496,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
     @v1.get("/cohorts/{job_id}/result", tags=["cohorts"],
             summary="Download a finished cohort (streamed)",
             response_class=StreamingResponse,
-            responses={200: {"description": "The cohort", "content": {
-                "application/json": {}, "application/x-ndjson": {}, "text/csv": {},
-                "application/zip": {}}},
+            responses={200: {"description": "The cohort", "content": exports.openapi_content()},
                 404: {"description": "Unknown job"},
                 409: {"description": "The job is not done"}})
     def get_result(job_id: JobId,
-                   format: Annotated[Literal["json", "ndjson", "csv", "mimic3"], Query(
-                       description="`json`, `ndjson`, `csv` (long, one row per code) or "
-                                   "`mimic3` (zip of PATIENTS, ADMISSIONS, DIAGNOSES_ICD)")]
-                   = "json") -> Any:
+                   format: Annotated[exports.Format, Query(
+                       description=exports.format_description())] = "json") -> Any:
         record = get_record(job_id)
         if record["status"] != "done":
             return JSONResponse(status_code=409, content={
@@ -505,7 +509,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 "status": status_of(record).model_dump()})
         meta = {"id": job_id, "bundle_version": record.get("bundle_version", ""),
                 "count": int(record["total"])}
-        body = exports.stream(format, lambda: iter_result(store, record), meta)
+        context = exports.ExportContext.for_result(
+            job_id, getattr(state.generator, "visit_intervals", None), concepts)
+        body = exports.stream(format, lambda: iter_result(store, record), meta, context)
         name = f"cohort-{job_id[:12]}.{exports.EXTENSIONS[format]}"
         return StreamingResponse(body, media_type=exports.MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="{name}"',

@@ -71,6 +71,8 @@ class EngineGenerator:
         self.manifest: dict[str, Any] = _public(manifest)
         self.bundle_version = bundle_version
         self.evaluation = _public(evaluation) if evaluation else None
+        # quantiles of stays and gaps for dating visits (app.dating); None: the default scheme
+        self.visit_intervals: dict[str, Any] | None = None
         from app.decoding.params import STRATEGIES
 
         self.strategies = [s for s in STRATEGIES
@@ -152,6 +154,7 @@ class BundleGenerator(EngineGenerator):
         super().__init__(engine, self.bundle.manifest,
                          bundle_version_of(self.path, self.bundle.manifest),
                          _evaluation(self.path, self.bundle.manifest))
+        self.visit_intervals = self.bundle.reference_stats.get("visit_intervals")
 
 
 def _engine_for(bundle, ort_threads: int):

@@ -151,6 +151,10 @@ class CodeOut(BaseModel):
 
 
 class VisitOut(BaseModel):
+    start: str | None = Field(None, description="Synthetic admission time (app.dating).",
+                              examples=["2168-05-01 10:12:00"])
+    end: str | None = Field(None, description="Synthetic discharge time, at or after `start`.",
+                            examples=["2168-05-06 08:00:00"])
     codes: list[CodeOut]
 
 
@@ -158,6 +162,8 @@ class PatientOut(BaseModel):
     patient_id: str = Field(..., description="Synthetic id (never a training record's).")
     age: float
     sex: Sex
+    birth_date: str | None = Field(None, description="Synthetic birth date consistent with "
+                                   "`age` at the first visit.", examples=["2101-03-02"])
     visits: list[VisitOut]
 
 
