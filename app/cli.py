@@ -470,6 +470,82 @@ def serve_command(
                 log_level=settings.log_level.lower(), access_log=False)
 
 
+@app.command("generate")
+def generate_command(
+    out: Annotated[Path, typer.Option("--out", help="File to write.")],
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: SYNTHEHR_BUNDLE "
+                                                     "or models/demo).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json, ndjson, csv, mimic3, omop, fhir "
+                                                      "or parquet.")] = "csv",
+    spec: Annotated[Path | None, typer.Option(
+        help="A JSON file with the POST /v1/cohorts body; the options below are ignored.")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Patients.")] = 100,
+    age: Annotated[str, typer.Option(help="A fixed age (67) or a range (40-80).")] = "0-90",
+    female_fraction: Annotated[float, typer.Option(help="Share of female patients.")] = 0.5,
+    strategy: Annotated[str, typer.Option(help="Decoding strategy.")] = "plain",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    must_include: Annotated[str | None, typer.Option(help="Comma-separated codes every "
+                                                          "patient carries.")] = None,
+) -> None:
+    """Write a cohort to a file in any result format, without the service (no Redis)."""
+    import json
+
+    from app.athena import AthenaError, load_athena
+    from app.service.cohort_file import write_cohort
+    from app.service.exports import FORMATS
+    from app.service.generation import load_generator
+
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    settings = _service_settings(bundle, None)
+    try:
+        if spec is not None:
+            body = json.loads(spec.read_text())
+        else:
+            low, _, high = age.partition("-")
+            body = {"size": size, "female_fraction": female_fraction, "strategy": strategy,
+                    "seed": seed, "must_include": [c for c in (must_include or "").split(",")
+                                                   if c.strip()],
+                    "age": {"min": float(low), "max": float(high)} if high else float(low)}
+        cohort = _cohort_spec(body, settings)
+    except (OSError, ValueError) as err:
+        where = f"--spec {spec}" if spec is not None else "options"
+        raise fail(f"{where}: {err}") from None
+    try:
+        concepts = (load_athena(settings.athena_vocabulary)
+                    if settings.athena_vocabulary is not None else None)
+        generator = load_generator(settings.bundle, settings.ort_threads)
+    except AthenaError as err:
+        raise fail(str(err)) from None
+    except (ValueError, OSError, RuntimeError) as err:
+        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+    unknown = [c for c in cohort.must_include if not generator.has_code(c)]
+    if unknown:
+        raise fail(f"must_include: code {unknown[0]} is not in the model's vocabulary")
+    result = write_cohort(generator, cohort, fmt, out, chunk_size=settings.chunk_size,
+                          batch=settings.generation_batch, concepts=concepts)
+    console.print(f"wrote {result.patients:,} patients ({fmt}, {result.bytes:,} bytes) to "
+                  f"{result.path}", highlight=False)
+
+
+def _cohort_spec(body: dict, settings):
+    """A validated cohort spec; ``ValueError`` naming the field and reason."""
+    from pydantic import ValidationError
+
+    from app.service.schemas import CohortSpec
+
+    try:
+        cohort = CohortSpec.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise ValueError(f"{field}: {first['msg']}") from None
+    if cohort.size > settings.max_cohort_size:
+        raise ValueError(f"size: at most {settings.max_cohort_size} patients, got {cohort.size}")
+    return cohort
+
+
 @app.command("worker")
 def worker_command(
     bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: SYNTHEHR_BUNDLE "

@@ -31,6 +31,7 @@ __all__ = [
     "JobAbandoned",
     "chunk_plan",
     "chunk_seed",
+    "generate_chunk",
     "iter_result",
     "job_id_for",
     "new_record",
@@ -166,6 +167,27 @@ def decode_chunk(payload: bytes) -> list[dict]:
     return [json.loads(line) for line in payload.decode().splitlines() if line]
 
 
+def generate_chunk(generator, spec: CohortSpec, job_id: str, index: int, chunk_size: int,
+                   batch: int) -> list[dict]:
+    """The rows of chunk ``index`` (a pure function of its arguments and the bundle):
+    ``{"id", "n", "age", "sex", "visits"}``, ``batch`` patients per engine call."""
+    start, _ = chunk_bounds(spec.size, chunk_size, index)
+    demographics = chunk_plan(spec, index, chunk_size)
+    rows = []
+    for offset in range(0, len(demographics), batch):
+        part = demographics[offset:offset + batch]
+        patients = generator.generate(
+            part, strategy=spec.strategy, params=spec.params,
+            seed=chunk_seed(spec.seed, index * 100_003 + offset),
+            must_include=spec.must_include, validity_mask=spec.validity_mask)
+        for k, p in enumerate(patients):
+            number = start + offset + k + 1
+            rows.append({"id": patient_id(job_id, number), "n": number,
+                         "age": part[k][0], "sex": part[k][1],
+                         "visits": [list(v) for v in p.visits]})
+    return rows
+
+
 def run_job(store: JobStore, generator, job_id: str, worker: str, *, ttl: int,
             lease_s: float, batch: int = 64,
             stop: threading.Event | None = None) -> str:
@@ -193,20 +215,7 @@ def run_job(store: JobStore, generator, job_id: str, worker: str, *, ttl: int,
                 raise JobAbandoned(f"job {job_id} was cancelled or taken over")
             if stop is not None and stop.is_set():
                 raise JobAbandoned("worker stopping")
-            start, _ = chunk_bounds(spec.size, chunk_size, index)
-            demographics = chunk_plan(spec, index, chunk_size)
-            rows = []
-            for offset in range(0, len(demographics), batch):
-                part = demographics[offset:offset + batch]
-                patients = generator.generate(
-                    part, strategy=spec.strategy, params=spec.params,
-                    seed=chunk_seed(spec.seed, index * 100_003 + offset),
-                    must_include=spec.must_include, validity_mask=spec.validity_mask)
-                for k, p in enumerate(patients):
-                    number = start + offset + k + 1
-                    rows.append({"id": patient_id(job_id, number), "n": number,
-                                 "age": part[k][0], "sex": part[k][1],
-                                 "visits": [list(v) for v in p.visits]})
+            rows = generate_chunk(generator, spec, job_id, index, chunk_size, batch)
             status = store.put_chunk(job_id, index, encode_chunk(rows), len(rows),
                                      time.time(), ttl)
             if status == "done":
