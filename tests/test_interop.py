@@ -4,6 +4,7 @@ Athena concept map and ``synthehr generate`` (over the real engine and a tiny re
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -331,6 +332,15 @@ def test_cohort_file_equals_the_service_result(gen, cohort, tmp_path):
     assert not list(tmp_path.glob("*.part"))
 
 
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    """The repository's Python on ``args`` in a clean environment (the exit code is checked by
+    the caller)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False,
+                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                               "SYNTHEHR_JSON_LOGS": "false", "COLUMNS": "200"})
+
+
 def test_generate_cli_writes_without_service_or_training(tmp_path):
     bundle = tiny_bundle()
     if bundle is None:
@@ -347,24 +357,17 @@ def test_generate_cli_writes_without_service_or_training(tmp_path):
         "bad = sorted(m for m in sys.modules if m == 'training' or m.startswith('training.')"
         " or m == 'torch')\n"
         "assert not bad, bad\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT),
-                                                       "OMP_NUM_THREADS": "1",
-                                                       "SYNTHEHR_JSON_LOGS": "false"})
+    done = _run(["-c", probe])
     assert done.returncode == 0, done.stderr
     assert "wrote 30 patients" in done.stdout
     assert pq.read_table(out).column("person_number").to_pylist()[0] == 1
-    bad = subprocess.run([sys.executable, "-m", "app.cli", "generate", "--bundle", str(bundle),
-                          "--format", "xlsx", "--out", str(tmp_path / "x")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    bad = _run(["-m", "app.cli", "generate", "--bundle", str(bundle), "--format", "xlsx",
+                "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "omop, fhir" in bad.stderr
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"size": 5, "female_fraction": 3}))
-    bad = subprocess.run([sys.executable, "-m", "app.cli", "generate", "--bundle", str(bundle),
-                          "--spec", str(spec), "--out", str(tmp_path / "x")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    bad = _run(["-m", "app.cli", "generate", "--bundle", str(bundle), "--spec", str(spec),
+                "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "female_fraction" in bad.stderr and str(spec) in bad.stderr
 
 
@@ -382,5 +385,5 @@ def test_exports_use_the_bundle_intervals(gen, tmp_path):
                   for v in json.loads(line)["visits"]]
         for start, end in visits:
             assert (end - start).total_seconds() == pytest.approx(0.5 * 86400, abs=60)
-        for a, b in zip(visits, visits[1:]):
+        for a, b in itertools.pairwise(visits):
             assert (b[0] - a[1]).total_seconds() == pytest.approx(2.5 * 86400, abs=60)
