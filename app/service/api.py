@@ -53,7 +53,13 @@ from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
 from app.service import exports
 from app.service.batcher import MicroBatcher
-from app.service.jobs import iter_result, job_id_for, new_record, status_of
+from app.service.jobs import (
+    iter_result,
+    job_id_for,
+    new_record,
+    possible_demographics,
+    status_of,
+)
 from app.service.schemas import (
     CodeDetail,
     CohortSpec,
@@ -112,6 +118,8 @@ class _Invalid(Exception):
 
 
 def _generation_error_field(err: GenerationError) -> str:
+    if getattr(err, "field", None):  # targeting errors name their field
+        return err.field
     if isinstance(err, (UnknownCodeError, ImpossibleConstraintError)):
         return "must_include"
     if isinstance(err, InvalidParametersError):
@@ -417,11 +425,22 @@ def create_app(settings: Settings | None = None, *, generator=None,
                      settings.max_patients_per_request)
         check_codes(gen, body.must_include)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
+        if body.any_of or body.exclude:  # targeted: its own engine call (not micro-batched)
+            patients = await asyncio.get_running_loop().run_in_executor(
+                state.pool, lambda: gen.generate(
+                    demographics, strategy=body.strategy, params=body.params, seed=seed,
+                    must_include=body.must_include, validity_mask=body.validity_mask,
+                    any_of=body.any_of, exclude=body.exclude))
+            return patients_response(gen, body, seed, demographics, patients)
         # Concurrent requests of equal strategy/params/validity share one engine call in the
         # inference pool (app.service.batcher); each gets exactly the patients it would alone.
         patients = await batcher_for(gen).generate(
             demographics, strategy=body.strategy, params=body.params, seed=seed,
             must_include=body.must_include, validity_mask=body.validity_mask)
+        return patients_response(gen, body, seed, demographics, patients)
+
+    def patients_response(gen, body: PatientsRequest, seed: int,
+                          demographics: list[tuple[float, str]], patients: list) -> JSONResponse:
         metrics.patients.labels(body.strategy).inc(len(patients))
         tag = hashlib.sha256(f"{seed}:{gen.bundle_version}".encode()).hexdigest()[:8]
         context = exports.ExportContext.for_result(
@@ -447,6 +466,11 @@ def create_app(settings: Settings | None = None, *, generator=None,
         gen = ready_generator()
         check_limits(spec.params, spec.size, "size", settings.max_cohort_size)
         check_codes(gen, spec.must_include)
+        check_target = getattr(gen, "check_target", None)
+        if check_target is not None:  # infeasible targeting: 422 now, not a failed job later
+            ages, sexes = possible_demographics(spec)
+            check_target(ages, sexes, spec.must_include, spec.any_of, spec.exclude,
+                         spec.validity_mask)
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
                             settings.generation_batch)

@@ -78,20 +78,51 @@ class EngineGenerator:
         self.strategies = [s for s in STRATEGIES
                            if s != "retrieve_edit" or getattr(engine, "retrieval", None)]
         self._codes = set(engine.vocab.codes)
+        self._targeting = None
 
     def has_code(self, code: str) -> bool:
         return code in self._codes
 
+    @property
+    def targeting(self):
+        """``any_of``/``exclude`` over this bundle's vocabulary (app.decoding.targeting)."""
+        if self._targeting is None:
+            from app.decoding.targeting import Targeting
+
+            self._targeting = Targeting(self.engine.vocab, self.engine.validity)
+        return self._targeting
+
+    def check_target(self, ages: list[int], sexes: list[str], must_include: list[str],
+                     any_of: list[str], exclude: list[str], validity_mask: bool) -> None:
+        """Refuse (``TargetError`` naming the field) a targeting spec some patient of the
+        given whole-year ages and sexes could not meet; nothing is decoded."""
+        targeting = self.targeting
+        targeting.check(ages, sexes, must_include, targeting.expand(any_of, "any_of"),
+                        targeting.expand(exclude, "exclude"), validity_mask)
+
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
                  params: dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
-                 validity_mask: bool = True) -> list[Patient]:
+                 validity_mask: bool = True, any_of: list[str] | None = None,
+                 exclude: list[str] | None = None) -> list[Patient]:
         if not demographics:
             return []
+        required: list[Any] | None = list(must_include or []) or None
+        excluded: list[str] | None = None
+        if any_of or exclude:
+            targeting = self.targeting
+            excluded = targeting.expand(exclude or [], "exclude") or None
+            codes = targeting.expand(any_of or [], "any_of")
+            # A required code of the list already satisfies any_of.
+            if codes and not set(codes) & set(required or []):
+                n = len(demographics)
+                chosen = targeting.choose(codes, demographics, excluded or [], validity_mask,
+                                          [int(seed)] * n, range(n))
+                required = [[*(required or []), code] for code in chosen]
         result = self.engine.generate(list(demographics), strategy=strategy,
                                       params=params or {}, seed=int(seed),
-                                      must_include=list(must_include or []) or None,
-                                      validity_mask=validity_mask)
+                                      must_include=required, validity_mask=validity_mask,
+                                      **({"exclude": excluded} if excluded else {}))
         return list(result.patients)
 
     def generate_batch(self, requests: list[tuple[list[tuple[float, str]], int, list[str] | None]],

@@ -35,6 +35,7 @@ __all__ = [
     "iter_result",
     "job_id_for",
     "new_record",
+    "possible_demographics",
     "run_job",
     "status_of",
 ]
@@ -86,6 +87,21 @@ def chunk_plan(spec: CohortSpec, index: int, chunk_size: int) -> list[tuple[floa
     ages = np.round(ages, 1)
     female = rng.random(n) < spec.female_fraction
     return [(float(a), "F" if f else "M") for a, f in zip(ages, female, strict=True)]
+
+
+def possible_demographics(spec: CohortSpec) -> tuple[list[int], list[str]]:
+    """Every whole-year age (as the MCE edits count them) and sex the cohort may draw."""
+    age = spec.age
+    if isinstance(age, AgeBins):
+        spans = [(b.min, b.max) for b in age.bins]
+    elif isinstance(age, AgeRange):
+        spans = [(age.min, age.max)]
+    else:
+        spans = [(float(age), float(age))]
+    ages = sorted({a for low, high in spans for a in range(math.floor(low), math.floor(high) + 1)})
+    sexes = [s for s, share in (("F", spec.female_fraction), ("M", 1 - spec.female_fraction))
+             if share > 0]
+    return ages, sexes
 
 
 def patient_id(job_id: str, number: int) -> str:
@@ -176,10 +192,11 @@ def generate_chunk(generator, spec: CohortSpec, job_id: str, index: int, chunk_s
     rows = []
     for offset in range(0, len(demographics), batch):
         part = demographics[offset:offset + batch]
+        targets = {k: v for k, v in (("any_of", spec.any_of), ("exclude", spec.exclude)) if v}
         patients = generator.generate(
             part, strategy=spec.strategy, params=spec.params,
             seed=chunk_seed(spec.seed, index * 100_003 + offset),
-            must_include=spec.must_include, validity_mask=spec.validity_mask)
+            must_include=spec.must_include, validity_mask=spec.validity_mask, **targets)
         for k, p in enumerate(patients):
             number = start + offset + k + 1
             rows.append({"id": patient_id(job_id, number), "n": number,

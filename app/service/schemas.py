@@ -7,13 +7,14 @@ the field (``loc``/``field``) and the reason (``msg``). Limits that depend on th
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.decoding.errors import GenerationError
 from app.decoding.params import parse_params
-from app.icd9.codes import InvalidCodeError
+from app.icd9.codes import InvalidCodeError, normalize_code
 from app.icd9.hierarchy import load_hierarchy
 
 __all__ = [
@@ -41,6 +42,7 @@ Sex = Literal["F", "M"]
 Strategy = Literal["plain", "cooccurrence", "rerank", "retrieve_edit"]
 MAX_SEED = 2**63 - 1
 MAX_MUST_INCLUDE = 16
+MAX_TARGETS = 256  # any_of / exclude entries (each may be a whole category)
 
 
 class _Strict(BaseModel):
@@ -58,6 +60,33 @@ def canonical_codes(values: list[str]) -> list[str]:
             raise ValueError(f"{raw!r} is not an ICD-9-CM diagnosis code ({err})") from None
         if code not in out:
             out.append(code)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _known_prefixes() -> frozenset[str]:
+    """Every prefix (3 characters or more; 4 for E-codes) of a CMS ICD-9-CM code."""
+    out = set()
+    for code in load_hierarchy().billable_codes:
+        start = 4 if code.startswith("E") else 3
+        out.update(code[:k] for k in range(start, len(code) + 1))
+    return frozenset(out)
+
+
+def canonical_targets(values: list[str]) -> list[str]:
+    """Canonical, de-duplicated codes or categories (``250``, ``V30``, ``2500``, ``25000``);
+    ``ValueError`` naming the first that is neither a CMS ICD-9-CM code nor a category."""
+    out: list[str] = []
+    for raw in values:
+        try:
+            entry = normalize_code(raw)
+        except InvalidCodeError as err:
+            raise ValueError(f"{raw!r} is not an ICD-9-CM code or category ({err})") from None
+        if entry not in _known_prefixes():
+            raise ValueError(f"{raw!r} is neither an ICD-9-CM diagnosis code nor a category "
+                             "of one (CMS v32)")
+        if entry not in out:
+            out.append(entry)
     return out
 
 
@@ -85,6 +114,13 @@ class _Generation(_Strict):
                                     description="Codes every patient must carry (any "
                                     "ICD-9-CM spelling: `250.00` or `25000`).",
                                     examples=[["25000"]])
+    any_of: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                              description="Each patient carries at least one code of this list; "
+                              "entries are codes or categories (`250` stands for every `250.xx` "
+                              "code the model knows).", examples=[["250", "V58.67"]])
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                               description="Codes or categories never generated.",
+                               examples=[["401.9"]])
     validity_mask: bool = Field(True, description="Forbid codes inconsistent with the patient's "
                                 "age and sex (CMS Medicare Code Editor edits).")
 
@@ -103,6 +139,11 @@ class _Generation(_Strict):
     @classmethod
     def _codes(cls, value: list[str]) -> list[str]:
         return canonical_codes(value)
+
+    @field_validator("any_of", "exclude")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        return canonical_targets(value)
 
 
 class PatientsRequest(_Generation):
