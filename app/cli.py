@@ -557,7 +557,7 @@ def worker_command(
     import signal
     import threading
 
-    from app.service.generation import load_generator
+    from app.service.models import load_configured
     from app.service.store import RedisStore
     from app.service.worker import Worker
 
@@ -566,9 +566,9 @@ def worker_command(
         raise fail("the worker needs a Redis job store: set REDIS_URL (without one, "
                    "`synthehr serve` runs its own in-process worker)")
     try:
-        generator = load_generator(settings.bundle, settings.ort_threads)
+        generator = load_configured(settings)  # every bundle of SYNTHEHR_BUNDLES, or the one
     except (ValueError, OSError, RuntimeError) as err:
-        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+        raise fail(f"cannot load bundle {settings.bundles or settings.bundle}: {err}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

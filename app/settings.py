@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     # -- model and store --------------------------------------------------------------------
     bundle: Path = Field(Path("models/demo"),
                          description="Folder of the runtime bundle to serve (models/<name>/).")
+    bundles: str | None = Field(
+        None, description="Several bundles in one service: a comma-separated list of bundle "
+                          "folders, or one folder whose sub-folders are bundles. Requests pick "
+                          "one with `model` (its folder name; default: the first). Overrides "
+                          "`bundle` when set.")
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("SYNTHEHR_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis URL of the job store (queue, progress, results). None: an embedded "

@@ -60,6 +60,7 @@ from app.service.jobs import (
     possible_demographics,
     status_of,
 )
+from app.service.models import GeneratorSet, UnknownModelError
 from app.service.schemas import (
     CodeDetail,
     CohortSpec,
@@ -299,10 +300,10 @@ def create_app(settings: Settings | None = None, *, generator=None,
             if generator_factory is not None:
                 state.generator = generator_factory(settings)
             else:
-                from app.service.generation import load_generator
+                from app.service.models import load_configured
 
-                state.generator = load_generator(settings.bundle, settings.ort_threads)
-            log.info("bundle loaded", extra={"bundle": str(settings.bundle),
+                state.generator = load_configured(settings)
+            log.info("bundle loaded", extra={"bundle": settings.bundles or str(settings.bundle),
                                              "version": state.generator.bundle_version})
         except Exception as err:  # noqa: BLE001 - stay up, report not-ready with the reason
             state.load_error = f"{type(err).__name__}: {err}"
@@ -407,6 +408,19 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 on_batch=lambda requests, patients: metrics.batch.observe(patients))
         return batcher
 
+    def model_generator(model: str | None):
+        """The generator a request's ``model`` names (422 for an unknown one)."""
+        gen = ready_generator()
+        if isinstance(gen, GeneratorSet):
+            try:
+                return gen.for_model(model)
+            except UnknownModelError as err:
+                raise _Invalid("model", str(err)) from None
+        if model is not None and model != gen.manifest.get("name"):
+            raise _Invalid("model", f"unknown model {model!r}; loaded: "
+                                    f"{gen.manifest.get('name') or 'one unnamed bundle'}")
+        return gen
+
     def check_codes(gen, codes: list[str]) -> None:
         for i, code in enumerate(codes):
             if not gen.has_code(code):
@@ -418,7 +432,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
              responses={422: {"description": "Invalid request: `detail` names field and reason"},
                         503: {"description": "No model loaded"}})
     async def post_patients(body: PatientsRequest) -> Any:
-        gen = ready_generator()
+        gen = model_generator(body.model)
         demographics = body.demographics()
         check_limits(body.params, len(demographics),
                      "patients" if body.patients is not None else "n",
@@ -463,7 +477,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
                         422: {"description": "Invalid spec: `detail` names field and reason"},
                         503: {"description": "No model loaded, or the store is unreachable"}})
     def post_cohort(spec: CohortSpec, response: Response) -> Any:
-        gen = ready_generator()
+        gen = model_generator(spec.model)
+        if isinstance(state.generator, GeneratorSet):  # the default by name: one cache key
+            spec = spec.model_copy(update={"model": state.generator.name_of(spec.model)})
         check_limits(spec.params, spec.size, "size", settings.max_cohort_size)
         check_codes(gen, spec.must_include)
         check_target = getattr(gen, "check_target", None)
@@ -533,8 +549,11 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 "status": status_of(record).model_dump()})
         meta = {"id": job_id, "bundle_version": record.get("bundle_version", ""),
                 "count": int(record["total"])}
+        gen = state.generator
+        if isinstance(gen, GeneratorSet):
+            gen = gen.by_version(record.get("bundle_version", "")) or gen
         context = exports.ExportContext.for_result(
-            job_id, getattr(state.generator, "visit_intervals", None), concepts)
+            job_id, getattr(gen, "visit_intervals", None), concepts)
         body = exports.stream(format, lambda: iter_result(store, record), meta, context)
         name = f"cohort-{job_id[:12]}.{exports.EXTENSIONS[format]}"
         return StreamingResponse(body, media_type=exports.MEDIA_TYPES[format], headers={
@@ -542,11 +561,15 @@ def create_app(settings: Settings | None = None, *, generator=None,
             "ETag": f'"{job_id}-{format}"'})
 
     @v1.get("/models", response_model=ModelInfo, tags=["model"],
-            summary="The loaded bundle's manifest and evaluation summary")
+            summary="The loaded bundles' manifests and evaluation summaries (default first)")
     def get_models() -> Any:
         gen = ready_generator()
-        return ModelInfo(bundle_version=gen.bundle_version, strategies=list(gen.strategies),
-                         manifest=gen.manifest, evaluation=gen.evaluation)
+        named = (gen.generators if isinstance(gen, GeneratorSet)
+                 else {gen.manifest.get("name"): gen})
+        infos = [ModelInfo(name=name, default=i == 0, bundle_version=g.bundle_version,
+                           strategies=list(g.strategies), manifest=g.manifest,
+                           evaluation=g.evaluation) for i, (name, g) in enumerate(named.items())]
+        return infos[0].model_copy(update={"models": infos})
 
     @v1.get("/codes/{code}", response_model=CodeDetail, tags=["model"],
             summary="An ICD-9-CM code's category, chapter and description",

@@ -187,6 +187,8 @@ def generate_chunk(generator, spec: CohortSpec, job_id: str, index: int, chunk_s
                    batch: int) -> list[dict]:
     """The rows of chunk ``index`` (a pure function of its arguments and the bundle):
     ``{"id", "n", "age", "sex", "visits"}``, ``batch`` patients per engine call."""
+    if hasattr(generator, "for_model"):  # several bundles: the job's own (app.service.models)
+        generator = generator.for_model(spec.model)
     start, _ = chunk_bounds(spec.size, chunk_size, index)
     demographics = chunk_plan(spec, index, chunk_size)
     rows = []

@@ -123,6 +123,10 @@ class _Generation(_Strict):
                                examples=[["401.9"]])
     validity_mask: bool = Field(True, description="Forbid codes inconsistent with the patient's "
                                 "age and sex (CMS Medicare Code Editor edits).")
+    model: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                              description="The loaded model (bundle) to use, by name "
+                                          "(`GET /v1/models`); default: the first.",
+                              examples=["demo"])
 
     @field_validator("params")
     @classmethod
@@ -299,7 +303,13 @@ class CodeDetail(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """The default model at the top level; every loaded model in ``models``."""
+
+    name: str | None = Field(None, description="The name requests give as `model`.")
+    default: bool = True
     bundle_version: str
     strategies: list[str]
     manifest: dict[str, Any]
     evaluation: dict[str, Any] | None = None
+    models: list[ModelInfo] | None = Field(None, description="Every loaded model (the "
+                                           "default first).")
