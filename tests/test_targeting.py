@@ -123,6 +123,9 @@ def test_infeasible_specs_are_refused_at_submission(client, gen):
     assert _fields(r) == ["exclude"] and common in r.text
     r = client.post("/v1/cohorts", json={"size": 5, "any_of": [common], "exclude": [common]})
     assert _fields(r) == ["exclude"]
+    r = client.post("/v1/patients", json={"n": 2, "age": 50, "sex": "F",
+                                          "must_include": [common], "exclude": [common]})
+    assert _fields(r) == ["exclude"] and "both required and excluded" in r.text
     r = client.post("/v1/cohorts", json={"size": 5, "female_fraction": 0.5,
                                          "any_of": [female_only]})
     assert _fields(r) == ["any_of"]

@@ -407,21 +407,22 @@ class Engine:
             banned = np.unique([self._code_token(c) for c in exclude]).astype(np.int64)
         except UnknownCodeError as err:
             raise UnknownCodeError(str(err).replace("must_include:", "exclude:", 1)) from None
+        from app.decoding.targeting import TargetError  # (an ImpossibleConstraintError)
+
         for i, ids in enumerate(required):
             clash = set(ids) & set(banned.tolist())
             if clash:
                 code = self.vocab.tokens[min(clash)]
-                raise ImpossibleConstraintError(
-                    f"exclude: code {code} is both required and excluded for patient {i}")
+                raise TargetError("exclude", f"code {code} is both required and excluded for "
+                                  f"patient {i}")
         ok = (self.validity.mask(ages, sex_ids) if validity_mask
               else np.ones((ages.size, len(self.vocab)), dtype=bool))
         ok[:, :N_SPECIAL] = False
         ok[:, banned] = False
         empty = np.flatnonzero(~ok.any(axis=1))
         if empty.size:
-            raise ImpossibleConstraintError(
-                f"exclude: no code is left for patient {int(empty[0])} (age "
-                f"{ages[empty[0]]:g}) once the excluded codes are removed")
+            raise TargetError("exclude", f"no code is left for patient {int(empty[0])} (age "
+                              f"{ages[empty[0]]:g}) once the excluded codes are removed")
         return banned
 
     def _decode(self, prompts: Sequence[Sequence[int]], ages: np.ndarray, sex_ids: np.ndarray,

@@ -252,6 +252,8 @@ class CohortSpec(_Generation):
                                        {"min": 65, "max": 90, "weight": 3}]},
          "female_fraction": 0.5, "strategy": "cooccurrence", "params": {"alpha": 0.05},
          "seed": 3},
+        {"size": 100, "age": {"min": 40, "max": 80}, "any_of": ["250"],
+         "exclude": ["401.9"], "seed": 7},
     ]})
 
     size: int = Field(..., ge=1, description="Patients in the cohort (at most the deployment's "
