@@ -487,6 +487,10 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     must_include: Annotated[str | None, typer.Option(help="Comma-separated codes every "
                                                           "patient carries.")] = None,
+    any_of: Annotated[str | None, typer.Option(help="Comma-separated codes or categories; "
+                                                    "each patient carries one at least.")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Comma-separated codes or categories "
+                                                     "never generated.")] = None,
 ) -> None:
     """Write a cohort to a file in any result format, without the service (no Redis)."""
     import json
@@ -495,6 +499,7 @@ def generate_command(
     from app.service.cohort_file import write_cohort
     from app.service.exports import FORMATS
     from app.service.generation import load_generator
+    from app.service.jobs import possible_demographics
 
     if fmt not in FORMATS:
         raise fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -504,9 +509,13 @@ def generate_command(
             body = json.loads(spec.read_text())
         else:
             low, _, high = age.partition("-")
+
+            def items(text: str | None) -> list[str]:
+                return [c.strip() for c in (text or "").split(",") if c.strip()]
+
             body = {"size": size, "female_fraction": female_fraction, "strategy": strategy,
-                    "seed": seed, "must_include": [c for c in (must_include or "").split(",")
-                                                   if c.strip()],
+                    "seed": seed, "must_include": items(must_include), "any_of": items(any_of),
+                    "exclude": items(exclude),
                     "age": {"min": float(low), "max": float(high)} if high else float(low)}
         cohort = _cohort_spec(body, settings)
     except (OSError, ValueError) as err:
@@ -523,6 +532,12 @@ def generate_command(
     unknown = [c for c in cohort.must_include if not generator.has_code(c)]
     if unknown:
         raise fail(f"must_include: code {unknown[0]} is not in the model's vocabulary")
+    try:  # the service's submission check: an infeasible spec fails before any decoding
+        ages, sexes = possible_demographics(cohort)
+        generator.check_target(ages, sexes, cohort.must_include, cohort.any_of, cohort.exclude,
+                               cohort.validity_mask)
+    except ValueError as err:
+        raise fail(str(err)) from None
     result = write_cohort(generator, cohort, fmt, out, chunk_size=settings.chunk_size,
                           batch=settings.generation_batch, concepts=concepts)
     console.print(f"wrote {result.patients:,} patients ({fmt}, {result.bytes:,} bytes) to "

@@ -103,6 +103,10 @@ def test_cohorts_per_bundle_share_one_worker_and_key_by_bundle(client):
         job = c.post("/v1/cohorts", json=spec).json()["id"]
         wait_for(lambda: c.get(f"/v1/cohorts/{job}").json()["status"] == "done", 60, 0.05,
                  "single")
+        ask = {"n": 1, "age": 50, "sex": "M"}
+        assert c.post("/v1/patients", json={**ask, "model": "site-b"}).status_code == 200
+        assert c.post("/v1/patients", json={**ask, "model": "site-a"}).status_code == 422
+        assert c.get("/v1/models").json()["name"] == "site-b"
         alone = c.get(f"/v1/cohorts/{job}/result").json()["patients"]
         assert _codes(alone) == _codes(results["site-b"]["patients"])  # (ids and dates
         # follow the job id, which names the model here)

@@ -60,7 +60,7 @@ from app.service.jobs import (
     possible_demographics,
     status_of,
 )
-from app.service.models import GeneratorSet, UnknownModelError
+from app.service.models import GeneratorSet, UnknownModelError, model_name
 from app.service.schemas import (
     CodeDetail,
     CohortSpec,
@@ -416,9 +416,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 return gen.for_model(model)
             except UnknownModelError as err:
                 raise _Invalid("model", str(err)) from None
-        if model is not None and model != gen.manifest.get("name"):
+        if model is not None and model != model_name(gen):
             raise _Invalid("model", f"unknown model {model!r}; loaded: "
-                                    f"{gen.manifest.get('name') or 'one unnamed bundle'}")
+                                    f"{model_name(gen) or 'one unnamed bundle'}")
         return gen
 
     def check_codes(gen, codes: list[str]) -> None:
@@ -565,7 +565,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
     def get_models() -> Any:
         gen = ready_generator()
         named = (gen.generators if isinstance(gen, GeneratorSet)
-                 else {gen.manifest.get("name"): gen})
+                 else {model_name(gen): gen})
         infos = [ModelInfo(name=name, default=i == 0, bundle_version=g.bundle_version,
                            strategies=list(g.strategies), manifest=g.manifest,
                            evaluation=g.evaluation) for i, (name, g) in enumerate(named.items())]

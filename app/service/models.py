@@ -20,7 +20,14 @@ from typing import Any
 from app.service.generation import load_generator
 
 __all__ = ["GeneratorSet", "UnknownModelError", "bundle_paths", "load_configured",
-           "load_models"]
+           "load_models", "model_name"]
+
+
+def model_name(generator: Any) -> str | None:
+    """A single generator's model name: its bundle's folder name (the manifest's name for a
+    generator that has no folder)."""
+    path = getattr(generator, "path", None)
+    return Path(path).resolve().name if path is not None else generator.manifest.get("name")
 
 
 class UnknownModelError(ValueError):
@@ -91,7 +98,7 @@ def load_models(paths: list[Path], ort_threads: int = 1) -> GeneratorSet:
     generators: dict[str, Any] = {}
     for path in paths:
         generator = load_generator(path, ort_threads)
-        name = Path(path).resolve().name
+        name = model_name(generator)
         if name in generators:
             raise ValueError(f"two bundles are named {name!r} ({path} and another); rename "
                              "one bundle's folder")
