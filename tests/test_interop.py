@@ -117,6 +117,19 @@ def test_interval_stats_follow_the_source_and_default_without_times():
     assert all(14 <= g <= 714 for g in gap_days)
 
 
+def test_bundle_reference_stats_carry_the_intervals():
+    from app.bundle import reference_stats
+    from app.vocab import Vocabulary
+
+    timed = [_timed(f"p{i}", [(0.0, 3.0), (10.0, 12.0 + i)]) for i in range(20)]
+    stats = reference_stats(timed, Vocabulary.from_patients(timed))["visit_intervals"]
+    assert stats == interval_stats(timed) and stats["source"] == "training split"
+    json.dumps(stats)  # stored as JSON in the bundle
+    untimed = [Patient("u", 50.0, "F", (("4019",),))]
+    assert reference_stats(untimed, Vocabulary.from_patients(untimed))["visit_intervals"] \
+        == DEFAULT_INTERVALS
+
+
 def test_dater_is_seeded_ordered_and_consistent_with_age():
     stats = interval_stats([_timed(f"p{i}", [(0.0, 1.0 + i % 3), (10.0 + i, 12.0 + i)])
                             for i in range(50)])
