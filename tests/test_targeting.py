@@ -83,6 +83,23 @@ def test_any_of_category_reaches_every_patient(client, gen):
     assert again["patients"] == patients
 
 
+def test_any_of_keeps_patients_that_already_qualify(client, gen):
+    """The first rejection try is the untargeted request itself: patients that carry a code
+    of the list are returned unchanged, the others are re-drawn from the model."""
+    vocab = _vocab(gen)
+    common = category_of(vocab.codes[int(np.argmax(vocab.counts))])
+    base = {"n": 100, "age": 60, "sex": "M", "seed": 12}
+    plain = client.post("/v1/patients", json=base).json()["patients"]
+    targeted = client.post("/v1/patients", json={**base, "any_of": [common]}).json()["patients"]
+    qualified = [i for i, p in enumerate(plain) if any(category_of(c) == common
+                                                       for c in _codes(p))]
+    assert 0 < len(qualified) < 100
+    assert all(targeted[i]["visits"] == plain[i]["visits"] for i in qualified)
+    assert all(any(category_of(c) == common for c in _codes(p)) for p in targeted)
+    redrawn = [i for i in range(100) if i not in qualified]
+    assert all(targeted[i]["visits"] != plain[i]["visits"] for i in redrawn)
+
+
 def test_exclude_common_code_never_generated(client, gen):
     vocab = _vocab(gen)
     common = vocab.codes[int(np.argmax(vocab.counts))]

@@ -7,12 +7,18 @@ decoder's masks.
   vocabulary is refused (:class:`TargetError` naming the field and the entry).
 * ``exclude``: the expanded codes are masked out of every decoding step (the engine's
   ``exclude``), so they are never generated.
-* ``any_of``: each patient must carry at least one code of the expanded list. Per patient one
-  code of the list is drawn, with probability proportional to its training frequency among the
-  codes that patient may carry (valid for its age and sex under the validity mask, not
-  excluded), from a stream seeded by the request's seed and the patient's index; that code
-  becomes one of the patient's required codes (the grammar refuses ``</s>`` until it is
-  emitted). Everything else in the patient is sampled from the model as usual.
+* ``any_of``: each patient must carry at least one code of the expanded list
+  (:meth:`Targeting.sample_any_of`). First by rejection: patients are decoded as usual (the
+  first try with the request's own seed, so a patient that already carries a code of the list is
+  exactly the untargeted one) and those without a code of the list are decoded again with a
+  seed derived from the request's seed and the try, up to ``ANY_OF_TRIES`` tries; this samples
+  the model's own distribution given the condition. Tries stop early when one accepts fewer than
+  ``MIN_ACCEPT`` of the patients left (a rare condition would cost many tries). The patients
+  still left get one code of the list as a required code, drawn with probability proportional
+  to its training frequency among the codes that patient may carry (valid for its age and sex
+  under the validity mask, not excluded), from a stream seeded by the request's seed and the
+  patient's index; the grammar refuses ``</s>`` until it is emitted, and everything else is
+  sampled from the model.
 * :meth:`Targeting.check` tells, before any decoding, whether a spec can be met for every age
   (whole years, as the MCE counts them) and sex a cohort may draw: required codes valid for
   all of them, ``any_of`` leaving each at least one code, ``exclude`` neither removing a required
@@ -30,10 +36,20 @@ from app.decoding.validity import ValidityMask
 from app.icd9.codes import category_of
 from app.vocab import Vocabulary
 
-__all__ = ["TargetError", "Targeting"]
+__all__ = ["ANY_OF_TRIES", "MIN_ACCEPT", "TargetError", "Targeting"]
 
 _SEX = {"F": 0, "M": 1}
 _ANY_OF_STREAM = 0xA11F
+ANY_OF_TRIES = 8
+MIN_ACCEPT = 0.05
+
+
+def _try_seed(seed: int, attempt: int) -> int:
+    """The seed of rejection try ``attempt`` (the request's own seed for the first)."""
+    if attempt == 0:
+        return int(seed)
+    mixed = np.random.default_rng([int(seed), attempt, _ANY_OF_STREAM]).integers(2**63)
+    return int(mixed)
 
 
 class TargetError(ImpossibleConstraintError):
@@ -122,6 +138,47 @@ class Targeting:
                                              left).any(axis=1).all():
                 raise TargetError("exclude", "the excluded codes remove every code some "
                                   "patients of this cohort could carry")
+
+    def sample_any_of(self, engine, demographics: Sequence[tuple[float, str]],
+                      any_of: Sequence[str], *, strategy: str, params: dict | None, seed: int,
+                      must_include: Sequence[str], exclude: Sequence[str],
+                      validity_mask: bool) -> list:
+        """Patients (``app.corpus.Patient``) each carrying a code of ``any_of`` (expanded
+        codes), decoded by ``engine`` (see the module docstring)."""
+        target = set(any_of) - set(exclude)
+        n = len(demographics)
+        out: list = [None] * n
+        pending = list(range(n))
+        common = {"strategy": strategy, "params": params or {},
+                  "must_include": list(must_include) or None, "validity_mask": validity_mask,
+                  **({"exclude": list(exclude)} if exclude else {})}
+        for attempt in range(ANY_OF_TRIES):
+            trial = _try_seed(seed, attempt)
+            result = engine.generate([demographics[i] for i in pending], seed=trial,
+                                     row_seeds=[trial] * len(pending), row_indices=pending,
+                                     **common)
+            left = []
+            for i, patient in zip(pending, result.patients, strict=True):
+                if any(c in target for visit in patient.visits for c in visit):
+                    out[i] = patient
+                else:
+                    left.append(i)
+            accepted = len(pending) - len(left)
+            rare = accepted < MIN_ACCEPT * len(pending)
+            pending = left
+            if not pending or rare:
+                break
+        if pending:
+            part = [demographics[i] for i in pending]
+            chosen = self.choose(sorted(target), part, exclude, validity_mask,
+                                 [int(seed)] * len(pending), pending)
+            trial = _try_seed(seed, ANY_OF_TRIES)
+            common["must_include"] = [[*must_include, code] for code in chosen]
+            result = engine.generate(part, seed=trial, row_seeds=[trial] * len(pending),
+                                     row_indices=pending, **common)
+            for i, patient in zip(pending, result.patients, strict=True):
+                out[i] = patient
+        return out
 
     def choose(self, any_of: Sequence[str], demographics: Sequence[tuple[float, str]],
                exclude: Sequence[str], validity_mask: bool, seeds: Sequence[int],

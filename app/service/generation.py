@@ -115,10 +115,10 @@ class EngineGenerator:
             codes = targeting.expand(any_of or [], "any_of")
             # A required code of the list already satisfies any_of.
             if codes and not set(codes) & set(required or []):
-                n = len(demographics)
-                chosen = targeting.choose(codes, demographics, excluded or [], validity_mask,
-                                          [int(seed)] * n, range(n))
-                required = [[*(required or []), code] for code in chosen]
+                return targeting.sample_any_of(
+                    self.engine, list(demographics), codes, strategy=strategy, params=params,
+                    seed=int(seed), must_include=required or [], exclude=excluded or [],
+                    validity_mask=validity_mask)
         result = self.engine.generate(list(demographics), strategy=strategy,
                                       params=params or {}, seed=int(seed),
                                       must_include=required, validity_mask=validity_mask,
