@@ -463,10 +463,15 @@ def serve_command(
     """Serve the REST API (uvicorn) with /docs, /redoc, /health, /ready and /metrics."""
     import uvicorn
 
+    from app.athena import AthenaError
     from app.service.api import create_app
 
     settings = _service_settings(bundle, redis_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+    try:
+        api = create_app(settings)
+    except AthenaError as err:  # SYNTHEHR_ATHENA_VOCABULARY names a folder that cannot be used
+        raise fail(str(err)) from None
+    uvicorn.run(api, host=host, port=port, log_config=None,
                 log_level=settings.log_level.lower(), access_log=False)
 
 
