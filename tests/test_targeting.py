@@ -173,3 +173,19 @@ def test_exclude_everything_a_patient_could_carry_is_refused():
     with pytest.raises(TargetError, match="any_of.0") as err:
         targeting.expand(["428"], "any_of")
     assert err.value.field == "any_of.0"
+
+
+def test_possible_demographics_cover_what_the_chunk_plan_draws():
+    from app.service.jobs import chunk_plan, possible_demographics
+    from app.service.schemas import CohortSpec
+
+    spec = CohortSpec.model_validate({
+        "size": 2000, "female_fraction": 1.0, "seed": 3,
+        "age": {"bins": [{"min": 0.04, "max": 17.96, "weight": 1},
+                         {"min": 64.2, "max": 66.0, "weight": 1}]}})
+    ages, sexes = possible_demographics(spec)
+    assert sexes == ["F"] and ages == [*range(19), 64, 65, 66]
+    drawn = chunk_plan(spec, 0, 2000)
+    assert {int(a) for a, _ in drawn} <= set(ages) and {s for _, s in drawn} == {"F"}
+    assert possible_demographics(CohortSpec.model_validate({"size": 1, "age": 30.0}))[1] == \
+        ["F", "M"]

@@ -98,7 +98,9 @@ def possible_demographics(spec: CohortSpec) -> tuple[list[int], list[str]]:
         spans = [(age.min, age.max)]
     else:
         spans = [(float(age), float(age))]
-    ages = sorted({a for low, high in spans for a in range(math.floor(low), math.floor(high) + 1)})
+    # chunk_plan rounds ages to 0.1 year, so 17.96 can become 18.0: bound the rounded ages
+    ages = sorted({a for low, high in spans
+                   for a in range(math.floor(round(low, 1)), math.floor(round(high, 1)) + 1)})
     sexes = [s for s, share in (("F", spec.female_fraction), ("M", 1 - spec.female_fraction))
              if share > 0]
     return ages, sexes
