@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.corpus import Corpus, corpus_stats
+from app.corpus import Corpus, corpus_stats, length_stats
 
 app = typer.Typer(help="Synthetic EHR patients: data, training, evaluation and serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,9 +30,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def print_corpus_report(corpus: Corpus, title: str) -> None:
-    """The ``data stats`` report: raw counts, corpus summary, demographics and drops."""
+def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 256) -> None:
+    """The ``data stats`` report: raw counts, corpus summary, demographics, patient lengths
+    against ``max_positions`` and drops (with level and examples)."""
     stats = corpus_stats(corpus.patients)
+    lengths = length_stats(corpus.patients, max_positions)
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -50,15 +52,29 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
     ]
     rows += [(f"age {label}", f"{count:,}") for label, count in stats.age_bins.items()]
     rows += [(f"sex {sex}", f"{count:,}") for sex, count in stats.sex.items()]
+    # Token length of a patient: 2 + sum over visits of (codes + 2) (app.corpus.token_length).
+    rows += [(f"patient length in tokens, {q}", f"{v:,}")
+             for q, v in lengths.token_percentiles.items()]
+    share = lengths.over_limit / stats.patients if stats.patients else 0.0
+    rows += [(f"patients longer than {max_positions} tokens",
+              f"{lengths.over_limit:,} ({share:.1%})"),
+             (f"visits of patients longer than {max_positions} tokens",
+              f"{lengths.visits_over_limit:,}")]
+    rows += [(f"visits per patient, {q}", f"{v:,}") for q, v in lengths.visit_percentiles.items()]
+    rows += [(f"patients with {label} visits", f"{count:,}")
+             for label, count in lengths.visit_histogram.items()]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    drops = Table(title=f"dropped ({corpus.drops.total:,} in all)", header_style="bold")
+    drops = Table(title=f"dropped ({corpus.drops.total:,} in all; rows are 1-based data rows, "
+                        "header excluded)", header_style="bold")
     drops.add_column("reason")
+    drops.add_column("level")
     drops.add_column("count", justify="right")
-    drops.add_column("first examples")
+    drops.add_column("first examples", overflow="fold")  # never cut a file name
     for reason, count in corpus.drops.counts.most_common():
-        drops.add_row(reason, f"{count:,}", "; ".join(corpus.drops.examples.get(reason, [])))
+        drops.add_row(reason, corpus.drops.levels.get(reason, "row"), f"{count:,}",
+                      "; ".join(corpus.drops.examples.get(reason, [])))
     console.print(drops)
 
 
@@ -66,22 +82,34 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
 def data_stats(
     path: Annotated[Path | None, typer.Argument(
         help="Folder (MIMIC, eICU) or file (UCI, generic); omit with --preset.")] = None,
-    source: Annotated[str, typer.Option(help="mimic3, mimic4, eicu, uci or generic.")] = "generic",
+    source: Annotated[str, typer.Option(
+        help="mimic3, mimic4, eicu, uci, generic or synpuf.")] = "generic",
     preset: Annotated[str | None, typer.Option(
         help="Describe a simulated corpus instead: demo or mimic3-scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
+    date_format: Annotated[str | None, typer.Option(
+        help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
+             "default ISO 8601 (DE-SynPUF: YYYYMMDD). Dates are never guessed.")] = None,
+    max_positions: Annotated[int, typer.Option(
+        min=1, help="Report how many patients are longer than this many tokens.")] = 256,
+    max_drop_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fail when more than this share of patients is dropped.")] = 0.5,
 ) -> None:
-    """Load a source and print patients, visits, codes, demographics and drops by reason."""
+    """Load a source and print patients, visits, codes, demographics, patient lengths and drops
+    by reason with examples."""
     from training.cli_train import load_training_corpus
-    from training.loaders import DataError
+    from training.loaders import DataError, load_corpus
 
     if (path is None) == (preset is None):
         raise fail("give a PATH (with --source) or --preset, not both")
     try:
-        corpus = load_training_corpus(None if preset else source, path, preset, seed)
+        corpus = (load_training_corpus(None, None, preset, seed) if preset else
+                  load_corpus(source, path, date_format=date_format,
+                              max_drop_share=max_drop_share))
     except (DataError, ValueError) as err:
         raise fail(str(err)) from None
-    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}")
+    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}",
+                        max_positions)
 
 
 def _parse_value(text: str):
@@ -100,7 +128,8 @@ def train_command(
     data: Annotated[Path | None, typer.Option(help="Folder or file of the source.")] = None,
     preset: Annotated[str | None, typer.Option(
         help="Train on a simulated corpus instead: demo or mimic3-scale.")] = None,
-    size: Annotated[str, typer.Option(help="Model size: tiny, small or base.")] = "small",
+    size: Annotated[str, typer.Option(
+        help="Model size: auto (chosen from the corpus), tiny, small or base.")] = "auto",
     config: Annotated[Path | None, typer.Option(help="RunConfig JSON (model/objective/train).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override, e.g. --set objective.cooc_weight=0.1 (repeatable).")] = None,
@@ -109,8 +138,11 @@ def train_command(
     batch_size: Annotated[int | None, typer.Option(help="Patients per batch.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of everything random.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop after the epoch that passes "
-                                                           "this wall time.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Time budget: epochs and the learning-rate schedule are planned to end annealed "
+             "within it (default: chosen from the corpus).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu (default) or cuda (a CUDA GPU, where torch sees one).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing bundle in OUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -128,7 +160,8 @@ def train_command(
     try:
         run_train(out=out, source=source, data=data, preset=preset, size=size, config=config,
                   overrides=overrides, flat=flat, epochs=epochs, batch_size=batch_size,
-                  seed=seed, threads=threads, max_minutes=max_minutes, resume=resume,
+                  seed=seed, threads=threads, max_minutes=max_minutes, device=device,
+                  resume=resume,
                   force=force, progress=progress, export=export)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         raise fail(str(err)) from None
@@ -183,7 +216,11 @@ def print_manifest(manifest: dict, title: str) -> None:
                    f"{manifest.get('n_parameters', 0):,} parameters")),
         ("epochs", (f"{metrics.get('epochs_run')} (best {metrics.get('best_epoch')}, "
                     f"stopped by {metrics.get('stopped_by')})")),
+        ("schedule", _schedule_text(metrics.get("schedule"))),
+        ("model choice", _choice_text(manifest.get("model_choice"))),
         ("val ppl/code", _fmt(metrics.get("val", {}).get("ppl_code"))),
+        ("val fidelity", _fidelity_text((metrics.get("val") or {}).get("fidelity"))),
+        ("stop calibration", _calibration_text(metrics.get("stop_calibration"))),
         ("test ppl/code", (f"{_fmt(test.get('ppl_code_from_demographics'))} from "
                            f"demographics, {_fmt(test.get('ppl_code_from_full_patient'))} from "
                            "the full patient")),
@@ -195,6 +232,42 @@ def print_manifest(manifest: dict, title: str) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _schedule_text(schedule: dict | None) -> str:
+    if not schedule:
+        return "-"
+    budget = schedule.get("budget_minutes") or 0
+    return (f"{schedule.get('planned_epochs')} of at most {schedule.get('max_epochs')} epochs "
+            f"planned{f' for a {budget:g}-minute budget' if budget else ''}, "
+            f"{schedule.get('total_steps')} steps, lr {schedule.get('lr')} -> "
+            f"{_fmt(schedule.get('final_lr'), 6)}, "
+            f"{'completed' if schedule.get('completed') else 'not completed'}")
+
+
+def _choice_text(choice: dict | None) -> str:
+    if not choice:
+        return "-"
+    reasons = choice.get("reasons") or {}
+    return f"{choice.get('size')} ({reasons.get('size', '')})"
+
+
+def _fidelity_text(fidelity: dict | None) -> str:
+    if not fidelity:
+        return "-"
+    return (f"bigram R2 {_fmt(fidelity.get('bigram_r2'), 3)}, unigram R2 "
+            f"{_fmt(fidelity.get('unigram_r2'), 3)}, KS visits/patient "
+            f"{_fmt(fidelity.get('ks_visits_per_patient'), 3)} ({fidelity.get('n')} validation "
+            "patients, before stop calibration)")
+
+
+def _calibration_text(info: dict | None) -> str:
+    if not info or not info.get("iterations"):
+        return "-"
+    steps = info["iterations"]
+    best = steps[info.get("selected_iteration", len(steps) - 1)]
+    return (f"KS visits/patient vs train {steps[0]['ks_visits_per_patient_vs_train']:.3f} -> "
+            f"{best['ks_visits_per_patient_vs_train']:.3f}")
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -448,6 +521,34 @@ def _service_settings(bundle: Path | None, redis_url: str | None):
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.json_logs)
     return settings
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder to (re)calibrate.")],
+    data: Annotated[Path | None, typer.Option(
+        help="Data the bundle was trained on (default: the path in its manifest).")] = None,
+    patients: Annotated[int, typer.Option(help="Validation demographics in the sample.")] = 8000,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 1,
+) -> None:
+    """Fit the bundle's stop calibration (visits per patient, codes per visit) on the
+    validation split's demographics against the training split's histograms. Training does
+    this by itself; use it for a bundle trained without it."""
+    from app.bundle import BundleError, read_manifest
+
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as err:
+        raise fail(str(err)) from None
+    corpus, _ = load_bundle_corpus(manifest, bundle, data)
+    from training.calibrate import calibrate_bundle
+    from training.splits import split_patients
+
+    split = split_patients(corpus.patients)
+    seed = int(((manifest.get("run_config") or {}).get("train") or {}).get("seed") or 0)
+    calibrate_bundle(bundle, split.val, split.train, patients=patients, seed=seed,
+                     threads=threads, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"stop calibration written to {bundle}/calibration.json")
 
 
 @app.command("serve")

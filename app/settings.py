@@ -57,13 +57,40 @@ class Settings(BaseSettings):
                                                            "caller may ask for.")
     max_request_bytes: int = Field(1_000_000, ge=1_024, description="Largest request body.")
 
+    # -- work budget (app.decoding.params.work_of counts a request's work) --------------------
+    max_decoded_rows: int = Field(
+        1_000, ge=1, description="Rows one POST /v1/patients may decode: patients x "
+        "`candidates` for rerank, patients otherwise (100 patients x 10 candidates).")
+    max_retries_per_request: int = Field(
+        2_000, ge=0, description="retrieve_edit privacy-guard retries one POST /v1/patients may "
+        "ask for: patients x `max_retries` (100 patients x the default 20).")
+    max_retries: int = Field(50, ge=0, le=1000, description="Upper bound of a request's "
+                             "`max_retries` (each retry decodes its rejected rows once more).")
+    max_cohort_decoded_rows: int = Field(
+        400_000, ge=1, description="Rows one cohort may decode: size x `candidates` for "
+        "rerank, size otherwise (100,000 patients x 4 candidates).")
+    max_cohort_retries: int = Field(
+        2_000_000, ge=0, description="retrieve_edit retries one cohort may ask for: size x "
+        "`max_retries` (100,000 patients x the default 20).")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="POST /v1/patients answers 504 past this and stops its "
+        "generation; generation also stops when the client disconnects.")
+    max_active_cohorts_per_client: int = Field(
+        4, ge=0, description="Unfinished (queued or running) cohorts one client (API key or "
+        "address, as the rate limit counts) may have; more get 429. 0: no limit.")
+
     # -- jobs -------------------------------------------------------------------------------
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a finished cohort (and "
                                                               "its result) stays cached.")
     chunk_size: int = Field(500, ge=1, le=100_000, description="Patients a worker generates "
                                                                "per chunk (the unit of progress).")
     lease_s: float = Field(15.0, gt=0, description="A worker heartbeat older than this frees "
-                                                   "its job for another worker.")
+                                                   "its job for another worker; with no worker "
+                                                   "seen for this long, /ready and the status "
+                                                   "of unfinished cohorts say so.")
+    result_grace_s: int = Field(3600, ge=1, description="A download of a cohort keeps its "
+                                "result in the store at least this long (seconds) from its "
+                                "start, so it cannot expire mid-download.")
     worker_poll_s: float = Field(0.2, gt=0, description="Idle worker's queue poll interval.")
     embedded_workers: int = Field(1, ge=0, description="In-process workers of the embedded store.")
 

@@ -179,12 +179,13 @@ class Recorder:
         self.lock = threading.Lock()
 
     def generate(self, demographics, strategy="plain", params=None, seed=0, must_include=None,
-                 validity_mask=True):
+                 validity_mask=True, should_stop=None):
         if any(a < 0 for a, _ in demographics):
             raise ValueError(f"bad age in request {seed}")
         return [(seed, i, a) for i, (a, _) in enumerate(demographics)]
 
-    def generate_batch(self, requests, strategy="plain", params=None, validity_mask=True):
+    def generate_batch(self, requests, strategy="plain", params=None, validity_mask=True,
+                       should_stop=None):
         with self.lock:
             self.calls.append([seed for _, seed, _ in requests])
         out = [self.generate(d, seed=s) for d, s, _ in requests]

@@ -178,7 +178,10 @@ def test_athena_folder_missing_a_file_or_column_is_named(tmp_path, gen):
 
 # -- every format from one cohort ---------------------------------------------------------------
 
-SPEC = {"size": 60, "age": {"min": 20, "max": 85}, "female_fraction": 0.5, "seed": 11}
+# Every patient carries a code the Athena fixture knows (any_of), so the OMOP test sees concept
+# ids filled whatever the test bundle samples; it also runs targeting through every export.
+SPEC = {"size": 60, "age": {"min": 20, "max": 85}, "female_fraction": 0.5, "seed": 11,
+        "any_of": ["250.00", "401.9", "428.0", "V58.61"]}
 
 
 @pytest.fixture(scope="module")

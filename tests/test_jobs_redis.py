@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from test_service_support import (
+    MAIN_REDIS,
     ROOT,
     PrivateRedis,
     delete_prefix,
@@ -28,7 +29,7 @@ from test_service_support import (
 from app.service.api import create_app
 from app.service.jobs import chunk_plan, job_id_for, new_record
 from app.service.schemas import CohortSpec
-from app.service.store import EmbeddedStore, RedisStore
+from app.service.store import EmbeddedStore, RedisStore, TooManyJobs
 from app.service.worker import Worker, start_thread
 from app.settings import Settings
 
@@ -51,9 +52,12 @@ def settings_for(url: str | None, prefix: str, **kw) -> Settings:
 # -- store semantics (both stores) --------------------------------------------------------------
 
 @pytest.fixture(params=["redis", "embedded"])
-def store(request, prefix):
-    s = RedisStore("redis://127.0.0.1:6379/0", prefix) if request.param == "redis" \
-        else EmbeddedStore()
+def store(request):
+    # Only the Redis case asks for Redis: the embedded store's contract runs everywhere.
+    if request.param == "redis":
+        s = RedisStore(MAIN_REDIS, request.getfixturevalue("prefix"))
+    else:
+        s = EmbeddedStore()
     yield s
     s.close()
 
@@ -94,6 +98,55 @@ def test_store_cancel_and_resubmit(store):
     _, created = store.submit(job, new_record(job, spec, "v1", 20, time.time()))
     assert created and store.get(job)["status"] == "queued"
     store.cancel(job, time.time(), 60)
+
+
+def test_store_client_limit_counts_unfinished_jobs(store):
+    jobs = []
+    for seed in (1, 2, 3):
+        spec = CohortSpec(size=5, seed=seed)
+        jobs.append((job_id_for(spec, "v1"), spec))
+    for job, spec in jobs[:2]:
+        _, created = store.submit(job, new_record(job, spec, "v1", 20, time.time()),
+                                  client="addr:1.2.3.4", max_active=2)
+        assert created
+    job, spec = jobs[2]
+    with pytest.raises(TooManyJobs) as refused:
+        store.submit(job, new_record(job, spec, "v1", 20, time.time()),
+                     client="addr:1.2.3.4", max_active=2)
+    assert refused.value.active == 2 and store.get(job) is None
+    # Another client, or no limit, is not affected; a finished job frees its place.
+    assert store.submit(job, new_record(job, spec, "v1", 20, time.time()),
+                        client="addr:5.6.7.8", max_active=2)[1]
+    store.cancel(job, time.time(), 60)
+    store.cancel(jobs[0][0], time.time(), 60)
+    assert store.submit(job, new_record(job, spec, "v1", 20, time.time()),
+                        client="addr:1.2.3.4", max_active=2)[1]
+    for job, _ in jobs:
+        store.cancel(job, time.time(), 60)
+
+
+def test_store_worker_presence_and_result_retention(store):
+    now = time.time()
+    assert store.live_workers(now, 5) == 0
+    store.worker_seen("w1", now - 10)
+    store.worker_seen("w2", now - 1)
+    assert store.live_workers(now, 5) == 1 and store.live_workers(now, 20) == 2
+    spec = CohortSpec(size=30, seed=8)
+    job = job_id_for(spec, "v1")
+    store.submit(job, new_record(job, spec, "v1", 20, now))
+    assert store.retain(job, 2, 600) is False  # not done: chunks missing
+    store.claim("w", now)
+    store.put_chunk(job, 0, b"a", 20, now, 60)
+    assert store.put_chunk(job, 1, b"b", 10, now, 60) == "done"
+    assert store.retain(job, 2, 600) is True
+    if isinstance(store, RedisStore):  # the download's grace period replaced a shorter TTL
+        assert store.client.ttl(store._job(job)) > 500
+        assert store.client.ttl(store._chunks(job)) > 500
+        store.client.hdel(store._chunks(job), "1")
+    else:
+        assert store._expiry[job] > time.time() + 500
+        del store._chunks[job][1]
+    assert store.retain(job, 2, 600) is False  # a chunk is gone: refused before any byte
 
 
 def test_chunk_plan_is_deterministic():

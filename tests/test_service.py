@@ -343,15 +343,3 @@ def test_cohort_job_failure_is_reported(gen):
         job_id = c.post("/v1/cohorts", json={"size": 5, "seed": 2}).json()["id"]
         status = wait_done(c, job_id, 10)
         assert status["status"] == "failed" and "engine exploded" in status["error"]
-
-
-def test_embedded_generation_matches_chunk_plan_regardless_of_chunk_size(gen):
-    """Results are a function of (spec, seed, bundle) and the chunking recorded in the job."""
-    with make_client(gen, chunk_size=25) as c:
-        job = c.post("/v1/cohorts", json={"size": 60, "seed": 3}).json()["id"]
-        wait_done(c, job)
-        a = c.get(f"/v1/cohorts/{job}/result?format=ndjson").content
-    with make_client(gen, chunk_size=25) as c:
-        job2 = c.post("/v1/cohorts", json={"size": 60, "seed": 3}).json()["id"]
-        wait_done(c, job2)
-        assert job2 == job and c.get(f"/v1/cohorts/{job}/result?format=ndjson").content == a

@@ -4,9 +4,10 @@ test_deploy*.py): a small real bundle, generators over the real engine, a privat
 The bundle is built once per session from the project's own trainer (``synthehr train --preset
 demo --size tiny``, one short epoch, ONNX export) into a cache folder, so the service tests run
 the same code as production: bundle loading, ONNX Runtime graphs, the numpy decoding engine.
-Where the trainer cannot produce an ONNX bundle (torch missing, export not available), the tests
-fall back to the real :class:`app.decoding.engine.Engine` over its untrained
-:class:`~app.decoding.model_api.RandomStepModel` and say so.
+Where the trainer cannot produce an ONNX bundle (torch missing, export not available), the
+service tests fail with the reason, never quietly switching to another model: set
+``SYNTHEHR_TEST_RANDOM_MODEL=1`` to run them over the real :class:`app.decoding.engine.Engine`
+with an untrained :class:`~app.decoding.model_api.RandomStepModel` instead (said on stderr).
 """
 
 from __future__ import annotations
@@ -24,8 +25,24 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_CACHE = Path(os.environ.get("SYNTHEHR_TEST_BUNDLE_DIR",
-                                   ROOT / ".pytest_cache" / "synthehr-bundles" / "tiny-demo"))
+
+
+def _data_key() -> str:
+    """Hash of the files that shape the simulated demo data (the simulator, the MCE edits and
+    the CMS tables): a cached bundle trained on older data is not reused, since the evaluation
+    refuses a bundle whose data changed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted([ROOT / "training" / "simulate.py", ROOT / "app" / "icd9" / "edits.py",
+                        *(ROOT / "app" / "icd9" / "data").glob("*.txt")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+BUNDLE_CACHE = Path(os.environ.get(
+    "SYNTHEHR_TEST_BUNDLE_DIR",
+    ROOT / ".pytest_cache" / "synthehr-bundles" / f"tiny-demo-{_data_key()}"))
 _BUILD_ERROR: list[str] = []
 
 
@@ -98,18 +115,28 @@ def random_engine_generator(seed: int = 0):
 _GENERATOR = []
 
 
-def session_generator():
-    """The real bundle's generator when one can be built, else the random-model engine."""
-    if not _GENERATOR:
-        path = tiny_bundle()
-        if path is not None:
-            from app.service.generation import BundleGenerator
+RANDOM_MODEL_ENV = "SYNTHEHR_TEST_RANDOM_MODEL"
 
-            _GENERATOR.append(BundleGenerator(path))
-        else:
-            print(f"[service tests] no ONNX bundle ({_BUILD_ERROR[:1]}); using the engine "
-                  "over RandomStepModel", file=sys.stderr)
+
+def session_generator():
+    """The real bundle's generator; the untrained random-model engine only when asked for
+    (``SYNTHEHR_TEST_RANDOM_MODEL=1``). Without a bundle and without that opt-in it raises
+    with the reason the bundle could not be built."""
+    if not _GENERATOR:
+        if os.environ.get(RANDOM_MODEL_ENV) == "1":
+            print(f"[service tests] {RANDOM_MODEL_ENV}=1: the engine over an untrained "
+                  "RandomStepModel, not a trained bundle", file=sys.stderr)
             _GENERATOR.append(random_engine_generator())
+            return _GENERATOR[0]
+        path = tiny_bundle()
+        if path is None:
+            raise RuntimeError(
+                f"no test bundle could be built ({'; '.join(_BUILD_ERROR) or 'unknown'}); "
+                f"install the train extra, or set {RANDOM_MODEL_ENV}=1 to run the service "
+                "tests over an untrained random model")
+        from app.service.generation import BundleGenerator
+
+        _GENERATOR.append(BundleGenerator(path))
     return _GENERATOR[0]
 
 

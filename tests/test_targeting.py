@@ -189,3 +189,62 @@ def test_possible_demographics_cover_what_the_chunk_plan_draws():
     assert {int(a) for a, _ in drawn} <= set(ages) and {s for _, s in drawn} == {"F"}
     assert possible_demographics(CohortSpec.model_validate({"size": 1, "age": 30.0}))[1] == \
         ["F", "M"]
+
+
+class _SmallBatches:
+    """The real engine, reporting a small engine batch (how many patients the generator hands
+    it at a time when a request can be stopped)."""
+
+    def __init__(self, inner, batch_size: int) -> None:
+        self.inner, self.batch_size, self.calls = inner, batch_size, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.generate(*args, **kwargs)
+
+
+def test_targeted_patients_ignore_stop_slicing_and_stop_between_engine_calls(gen):
+    """A stoppable targeted request is decoded an engine batch at a time with the same
+    patients; rows are keyed on their number (``first_index``); a stop request ends it."""
+    from app.service.generation import EngineGenerator, GenerationStopped
+
+    engine = _SmallBatches(gen.engine, 4)
+    small = EngineGenerator(engine, gen.manifest, gen.bundle_version)
+    vocab = _vocab(gen)
+    common = vocab.codes[int(np.argmax(vocab.counts))]
+    demo = [(60.0, "F"), (35.0, "M")] * 10
+    for targets in ({"any_of": [_rare_category(gen)]}, {"exclude": [common]},
+                    {"any_of": [category_of(common)], "exclude": [common]}):
+        whole = small.generate(demo, seed=5, **targets)
+        engine.calls = 0
+        sliced = small.generate(demo, seed=5, should_stop=lambda: False, **targets)
+        assert engine.calls >= 5, targets  # 20 patients, 4 per engine call
+        assert [p.visits for p in sliced] == [p.visits for p in whole], targets
+    # exclude only: patient k of a request is patient first_index + k of the seed
+    full = small.generate(demo, seed=5, exclude=[common])
+    tail = small.generate(demo[8:], seed=5, exclude=[common], first_index=8)
+    assert [p.visits for p in tail] == [p.visits for p in full[8:]]
+    asked = []
+    engine.calls = 0
+    with pytest.raises(GenerationStopped):
+        small.generate(demo, seed=5, any_of=[_rare_category(gen)],
+                       should_stop=lambda: bool(asked.append(1)) or len(asked) > 2)
+    assert engine.calls == 2
+
+
+def test_job_id_covers_targeting_model_and_plan_version(monkeypatch):
+    from app.service import jobs
+    from app.service.schemas import CohortSpec
+
+    base = CohortSpec.model_validate({"size": 10, "seed": 1})
+    variants = [base, *(CohortSpec.model_validate({"size": 10, "seed": 1, **extra}) for extra in (
+        {"any_of": ["250"]}, {"exclude": ["250"]}, {"any_of": ["250"], "exclude": ["25000"]},
+        {"model": "other"}))]
+    ids = {jobs.job_id_for(spec, "bundle-1") for spec in variants}
+    assert len(ids) == len(variants)
+    first = jobs.job_id_for(base, "bundle-1")
+    monkeypatch.setattr(jobs, "PLAN_VERSION", jobs.PLAN_VERSION + 1)
+    assert jobs.job_id_for(base, "bundle-1") != first

@@ -5,29 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.corpus import Corpus
 from training.config import SIZES, RunConfig, model_config_for
+from training.sizing import corpus_profile, recipe_for
+from training.splits import split_patients
 
 __all__ = ["default_run_config", "load_training_corpus", "run_train"]
 
-# Defaults that depend on the corpus (the rest comes from the dataclass defaults).
-CORPUS_DEFAULTS: dict[str, dict[str, Any]] = {
-    # UCI: ~57k short patients (<= 3 codes per visit).
-    "uci": {"train.batch_size": 256, "train.epochs": 30, "train.patience": 2,
-            "train.max_minutes": 45,
-            "model.ffn_dim": 256, "model.max_positions": 64},
-    # The demo preset: 2,000 patients; must build in under 3 minutes on 2 cores.
-    "simulated:demo": {"train.epochs": 8, "train.batch_size": 64, "train.patience": 2,
-                       "train.warmup_steps": 50, "model.ffn_dim": 256},
-    "simulated:mimic3-scale": {"train.batch_size": 64, "model.max_positions": 512},
-    "mimic3": {"train.batch_size": 16, "train.epochs": 20, "train.warmup_steps": 20,
-               "model.max_positions": 512},
-    "eicu": {"train.batch_size": 64, "train.warmup_steps": 50, "model.max_positions": 512},
+# Recipes of the project's own simulation presets. Every other corpus gets the recipe of
+# training.sizing, chosen from its training split.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The demo preset is the first thing a new user meets (scripts/serve.sh builds it): a
+    # tiny model on a 30-second budget, so the service answers within a minute of setup.
+    "simulated:demo": {"train.max_minutes": 0.5, "train.epochs": 40},
 }
 
 
-def default_run_config(corpus_source: str, size: str = "small") -> RunConfig:
-    config = RunConfig(model=model_config_for(size))
-    return config.override(CORPUS_DEFAULTS.get(corpus_source, {}))
+def default_run_config(corpus: Corpus, size: str = "auto") -> tuple[RunConfig, dict[str, Any]]:
+    """The run config for ``corpus`` and how it was chosen (recorded in the manifest).
+
+    ``size="auto"`` picks the size from the corpus (:func:`training.sizing.recipe_for`);
+    a named size keeps the rest of the recipe.
+    """
+    profile = corpus_profile(split_patients(corpus.patients).train)
+    auto_size, overrides, reasons = recipe_for(profile)
+    chosen = auto_size if size == "auto" else size
+    if chosen not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose auto or one of {', '.join(SIZES)}")
+    if size != "auto":
+        reasons["size"] = "--size"
+        if chosen != auto_size:
+            overrides.pop("model.ffn_dim", None)
+            reasons.pop("model.ffn_dim", None)
+    overrides.update(PRESET_DEFAULTS.get(corpus.source, {}))
+    for key in PRESET_DEFAULTS.get(corpus.source, {}):
+        reasons[key] = f"the {corpus.source} preset's recipe"
+    config = RunConfig(model=model_config_for(chosen)).override(overrides)
+    choice = {"size": chosen, "auto_size": auto_size, "profile": profile.to_dict(),
+              "overrides": overrides, "reasons": reasons}
+    return config, choice
 
 
 def load_training_corpus(source: str | None, data: Path | None, preset: str | None,
@@ -46,25 +62,29 @@ def load_training_corpus(source: str | None, data: Path | None, preset: str | No
 
 
 def run_train(*, out: Path, source: str | None, data: Path | None, preset: str | None,
-              size: str = "small", config: Path | None = None,
+              size: str = "auto", config: Path | None = None,
               overrides: dict[str, Any] | None = None, flat: bool = False,
               epochs: int | None = None, batch_size: int | None = None, seed: int | None = None,
               threads: int | None = None, max_minutes: float | None = None,
+              device: str | None = None,
               resume: bool = False, force: bool = False, progress: bool = True,
               export: bool = True):
     from training.trainer import train
 
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if size != "auto" and size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose auto or one of {', '.join(SIZES)}")
     out = Path(out)
     if (out / "manifest.json").exists() and not (force or resume):
         raise FileExistsError(f"{out} already holds a bundle; pass --force to overwrite it")
     corpus = load_training_corpus(source, data, preset, seed or 0)
-    run = RunConfig.load(config) if config else default_run_config(corpus.source, size)
+    if config:
+        run, choice = RunConfig.load(config), {"size": "config file", "path": str(config)}
+    else:
+        run, choice = default_run_config(corpus, size)
     cli: dict[str, Any] = dict(overrides or {})
     for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size),
                        ("train.seed", seed), ("train.threads", threads),
-                       ("train.max_minutes", max_minutes)):
+                       ("train.max_minutes", max_minutes), ("train.device", device)):
         if value is not None:
             cli[key] = value
     if flat:
@@ -72,4 +92,4 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     run = run.override(cli)
     info = {"path": str(data) if data else None, "preset": preset}
     return train(corpus, out, run, data_info=info, resume=resume, progress=progress,
-                 export=export)
+                 export=export, model_choice=choice)

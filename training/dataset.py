@@ -19,9 +19,11 @@ from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Voc
 from training.config import SEX_IDS, ObjectiveConfig
 
 __all__ = [
+    "CODE_ORDERS",
     "TOKENS",
     "Batch",
     "EncodedPatient",
+    "code_rank",
     "collate",
     "corrupt",
     "encode_patients",
@@ -56,9 +58,32 @@ class EncodedPatient:
         return 2 + sum(len(v) + 2 for v in self.visits)
 
 
+CODE_ORDERS = ("shuffle", "hierarchy", "frequency")
+
+
+def code_rank(vocab: Vocabulary, order: str) -> np.ndarray | None:
+    """Sort key per token id for a fixed in-visit order (None for ``shuffle``)."""
+    if order not in CODE_ORDERS:
+        raise ValueError(f"objective.code_order: unknown {order!r}; use one of "
+                         f"{', '.join(CODE_ORDERS)}")
+    if order == "shuffle":
+        return None
+    n = len(vocab)
+    if order == "hierarchy":  # the vocabulary lists codes sorted, i.e. by chapter and category
+        return np.arange(n)
+    counts = np.zeros(n)
+    counts[vocab.n_special:] = np.asarray(vocab.counts, dtype=np.float64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(n)
+    return rank
+
+
 def encode_patients(patients: Iterable[Patient], vocab: Vocabulary,
-                    max_len: int) -> list[EncodedPatient]:
-    """Token-id visits of each patient, fitted into ``max_len`` tokens (see module docstring)."""
+                    max_len: int, rank: np.ndarray | None = None) -> list[EncodedPatient]:
+    """Token-id visits of each patient, fitted into ``max_len`` tokens (see module docstring).
+
+    With ``rank`` (:func:`code_rank`) the codes of each visit are stored in that order.
+    """
     out = []
     for p in patients:
         visits, length = [], 2
@@ -66,6 +91,8 @@ def encode_patients(patients: Iterable[Patient], vocab: Vocabulary,
             ids = np.array([vocab.index[c] for c in visit if c in vocab.index], dtype=np.int64)
             if ids.size == 0:
                 continue
+            if rank is not None:
+                ids = ids[np.argsort(rank[ids], kind="stable")]
             if length + ids.size + 2 > max_len:
                 break
             visits.append(ids)
@@ -131,6 +158,14 @@ class Batch:
     def __len__(self) -> int:
         return int(self.age.shape[0])
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device`` (itself when it is already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                              self.decoder_input_ids, self.labels, self.age,
+                                              self.sex)))
+
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
     width = max(len(r) for r in rows)
@@ -146,6 +181,7 @@ def collate(patients: Sequence[EncodedPatient], rng: np.random.Generator, cfg: O
     only ``<s> </s>``) or ``full`` (encoder sees the whole patient). Codes are shuffled within
     visits by ``rng`` unless ``shuffle=False`` (stored order)."""
     targets, sources = [], []
+    shuffle = shuffle and cfg.code_order == "shuffle"
     for p in patients:
         visits = [rng.permutation(v) for v in p.visits] if shuffle else list(p.visits)
         targets.append(patient_tokens(visits))
@@ -166,8 +202,14 @@ def collate(patients: Sequence[EncodedPatient], rng: np.random.Generator, cfg: O
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None,
-                   bucket: int = 50) -> Iterator[np.ndarray]:
-    """Index batches; with ``rng``, shuffled then length-sorted within buckets of batches."""
+                   bucket: int = 50, max_tokens: int = 0) -> Iterator[np.ndarray]:
+    """Index batches; with ``rng``, shuffled then length-sorted within buckets of batches.
+
+    A batch holds at most ``batch_size`` patients and, when ``max_tokens`` > 0, at most
+    ``max_tokens`` padded tokens (patients x its longest patient), so memory is bounded by the
+    token budget whatever the longest patient (a patient longer than the budget is a batch of
+    its own).
+    """
     n = len(lengths)
     order = rng.permutation(n) if rng is not None else np.arange(n)
     lengths = np.asarray(lengths)
@@ -176,7 +218,16 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Gener
     for s in range(0, n, chunk):
         part = order[s: s + chunk]
         part = part[np.argsort(lengths[part], kind="stable")]
-        batches.extend(part[i: i + batch_size] for i in range(0, len(part), batch_size))
+        if max_tokens <= 0:
+            batches.extend(part[i: i + batch_size] for i in range(0, len(part), batch_size))
+            continue
+        start = 0
+        for i in range(1, len(part) + 1):
+            full = i - start >= batch_size
+            over = i < len(part) and (i + 1 - start) * lengths[part[i]] > max_tokens
+            if i == len(part) or full or over:
+                batches.append(part[start:i])
+                start = i
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     yield from batches

@@ -298,6 +298,63 @@ class HierBart(nn.Module):
                 + cat_lp.gather(-1, self.code_category.expand_as(code_lp)) + code_lp)
         return torch.cat([top[..., :c.n_special], full], dim=-1)
 
+    def target_log_probs(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``log P(target)`` for states ``[N, d]`` and token ids ``[N]``: equal to
+        ``output_log_probs(h).gather(1, target[:, None])`` without the full distribution.
+
+        The hierarchical head only needs the target's chapter, the categories of that chapter
+        and the codes of the target's category, so the loss costs ``O(d x (categories +
+        largest category))`` per position instead of ``O(d x codes)``: most of a step on a
+        MIMIC-sized vocabulary.
+        """
+        c = self.config
+        if not c.hierarchical:
+            return self.output_log_probs(h).gather(1, target[:, None]).squeeze(1)
+        top_weight = torch.cat([self.token_embed.weight[:c.n_special],
+                                self.chapter_embed.weight[:c.n_chapters]], dim=0)
+        top = torch.log_softmax(h @ top_weight.T + self.top_bias + self.output_mask, dim=-1)
+        is_code = target >= c.n_special
+        code = (target - c.n_special).clamp_min(0)
+        category = self.code_category[code]
+        chapter = self.category_chapter[category]
+        top_index = torch.where(is_code, c.n_special + chapter, target)
+        out = top.gather(1, top_index[:, None]).squeeze(1)
+        rows = torch.nonzero(is_code).squeeze(1)
+        if rows.numel() == 0:
+            return out
+        hc, cat, chap, cd = h[rows], category[rows], chapter[rows], code[rows]
+        cat_logits = hc @ self.category_embed.weight[:c.n_categories].T + self.category_bias
+        same_chapter = self.category_chapter[None, :] == chap[:, None]
+        cat_lse = torch.logsumexp(cat_logits.masked_fill(~same_chapter, NEG_INF), dim=-1)
+        cat_lp = cat_logits.gather(1, cat[:, None]).squeeze(1) - cat_lse
+        members, member_ok = self._category_members()
+        idx = members[cat]  # [R, M] code indices of each target's category (padded)
+        weight = self.token_embed.weight[c.n_special:]
+        code_logits = torch.einsum("rd,rmd->rm", hc, weight[idx]) + self.code_bias[idx]
+        code_lse = torch.logsumexp(code_logits.masked_fill(~member_ok[cat], NEG_INF), dim=-1)
+        own = (hc * weight[cd]).sum(-1) + self.code_bias[cd]
+        return out.index_add(0, rows, cat_lp + own - code_lse)
+
+    def _category_members(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``[categories, largest]`` code indices per category and their validity."""
+        key = (self.code_category.data_ptr(), str(self.code_category.device))
+        cached = getattr(self, "_members_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        c = self.config
+        cat = self.code_category
+        counts = torch.bincount(cat, minlength=c.n_categories)
+        width = int(counts.max()) if counts.numel() else 1
+        order = torch.argsort(cat, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(c.n_codes, device=cat.device) - starts[cat[order]]
+        members = torch.zeros(c.n_categories, width, dtype=torch.long, device=cat.device)
+        ok = torch.zeros(c.n_categories, width, dtype=torch.bool, device=cat.device)
+        members[cat[order], slot] = order
+        ok[cat[order], slot] = True
+        self._members_cache = (key, members, ok)
+        return members, ok
+
     def level_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The hierarchical head before its segment normalisation (for export).
 

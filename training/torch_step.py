@@ -30,29 +30,31 @@ class TorchStepModel:
     def __init__(self, model: HierBart) -> None:
         self.model = model.eval()
         self.vocab_size = model.config.n_tokens
+        self.device = next(model.parameters()).device
+
+    def _tensor(self, array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(self.device)
 
     @torch.no_grad()
     def start(self, input_ids: np.ndarray, attention_mask: np.ndarray, age: np.ndarray,
               sex: np.ndarray) -> _TorchState:
-        age_t = torch.from_numpy(np.asarray(age, dtype=np.float32))
-        sex_t = torch.from_numpy(np.asarray(sex, dtype=np.int64))
-        hidden, mask = self.model.encode(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)),
-                                         torch.from_numpy(np.asarray(attention_mask,
-                                                                     dtype=np.int64)),
-                                         age_t, sex_t)
+        age_t = self._tensor(age, np.float32)
+        sex_t = self._tensor(sex, np.int64)
+        hidden, mask = self.model.encode(self._tensor(input_ids, np.int64),
+                                         self._tensor(attention_mask, np.int64), age_t, sex_t)
         return _TorchState(hidden, mask, age_t, sex_t, None)
 
     @torch.no_grad()
     def step(self, state: _TorchState, tokens: np.ndarray) -> tuple[np.ndarray, _TorchState]:
-        ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+        ids = self._tensor(tokens, np.int64)
         h, past = self.model.decoder_hidden(ids, state.age, state.sex, state.encoder_hidden,
                                             state.encoder_mask, state.past)
         log_probs = self.model.output_log_probs(h[:, -1])
-        return log_probs.numpy(), _TorchState(state.encoder_hidden, state.encoder_mask,
+        return log_probs.float().cpu().numpy(), _TorchState(state.encoder_hidden, state.encoder_mask,
                                               state.age, state.sex, past)
 
     def select(self, state: _TorchState, rows: np.ndarray) -> _TorchState:
-        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        idx = self._tensor(rows, np.int64)
         past = None if state.past is None else tuple(
             tuple(t.index_select(0, idx) for t in layer) for layer in state.past)
         return _TorchState(state.encoder_hidden.index_select(0, idx),

@@ -24,14 +24,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.bundle import read_manifest
 from app.cooccurrence import build_cooccurrence
 from app.corpus import Corpus, Patient
+from app.decoding.calibration import CALIBRATION_FILE
 from app.vocab import Vocabulary
-from training.bundle import corpus_hash, write_bundle
+from training.bundle import add_bundle_file, corpus_hash, write_bundle, write_manifest
+from training.calibrate import fit_stop_calibration
 from training.config import ObjectiveConfig, RunConfig
-from training.dataset import EncodedPatient, collate, encode_patients, length_batches
+from training.dataset import (
+    EncodedPatient,
+    code_rank,
+    collate,
+    encode_patients,
+    length_batches,
+)
+from training.fidelity import (
+    cycled_demographics,
+    sample_engine,
+    validation_fidelity,
+    validation_subsample,
+)
 from training.model import HierBart
 from training.objective import compute_loss, cooc_operator
+from training.schedule import BudgetSchedule, plan_epochs, warmup_for
+from training.sizing import patient_length
 from training.splits import split_patients
 
 __all__ = ["TrainResult", "evaluate", "peak_rss_mb", "subsample", "train"]
@@ -56,7 +73,7 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model: HierBart, patients: list[EncodedPatient], objective: ObjectiveConfig,
              mode: str = "demographics", batch_size: int = 512, seed: int = EVAL_SEED,
-             cooc: torch.Tensor | None = None) -> dict[str, float]:
+             cooc: torch.Tensor | None = None, max_tokens: int = 0) -> dict[str, float]:
     """Mean NLL per token and per code, per-code perplexity, and the objective's loss.
 
     ``mode``: ``demographics`` (encoder sees only age/sex), ``train`` (the training corruption,
@@ -68,7 +85,7 @@ def evaluate(model: HierBart, patients: list[EncodedPatient], objective: Objecti
     nll = code_nll = loss = 0.0
     n_tok = n_code = 0
     lengths = [p.n_tokens for p in patients]
-    for idx in length_batches(lengths, batch_size, None):
+    for idx in length_batches(lengths, batch_size, None, max_tokens=max_tokens):
         batch = collate([patients[i] for i in idx], rng, objective, mode=mode)
         out = compute_loss(model, batch, objective, cooc)
         nll += out.nll_sum
@@ -102,15 +119,6 @@ def _param_groups(model: HierBart, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 def _log_default(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -118,11 +126,13 @@ def _log_default(message: str) -> None:
 def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
           data_info: dict[str, Any] | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = _log_default,
-          export: bool = True, stop_after_epochs: int | None = None) -> TrainResult:
+          export: bool = True, stop_after_epochs: int | None = None,
+          model_choice: dict[str, Any] | None = None) -> TrainResult:
     """Train on ``corpus`` and write a bundle to ``out_dir`` (see the module docstring).
 
     ``stop_after_epochs`` interrupts after that many epochs of this call without writing the
-    bundle (to test resuming).
+    bundle (to test resuming). ``model_choice`` (how the model size was chosen) is recorded in
+    the manifest.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -140,26 +150,48 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     cooc = build_cooccurrence(train_patients, vocab)
     cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
     max_len = config.model.max_positions
-    enc_train = encode_patients(train_patients, vocab, max_len)
-    enc_val = encode_patients(split.val, vocab, max_len)
-    enc_test = encode_patients(split.test, vocab, max_len)
+    rank = code_rank(vocab, oc.code_order)
+    enc_train = encode_patients(train_patients, vocab, max_len, rank)
+    enc_val = encode_patients(split.val, vocab, max_len, rank)
+    enc_test = encode_patients(split.test, vocab, max_len, rank)
     lengths = [p.n_tokens for p in enc_train]
+    cut = sum(patient_length(p) > max_len for p in train_patients)
+    if cut:
+        log(f"{cut} training patient(s) ({cut / len(train_patients):.2%}) are longer than "
+            f"model.max_positions={max_len} tokens and keep their earliest visits that fit")
     log(f"data: {corpus.source}, split {split.sizes()}, training on {len(enc_train)} patients, "
         f"vocabulary {vocab.n_codes} codes / {vocab.n_categories} categories")
 
     torch.manual_seed(tc.seed)
     model = HierBart(config.model, vocab)
+    device = _device(tc.device)
+    model.to(device)
+    cooc_t = cooc_t.to(device) if cooc_t is not None else None
     log(f"model: {'hierarchical' if config.model.hierarchical else 'flat'}, "
         f"{model.n_parameters():,} parameters, d={config.model.d_model}, "
-        f"{config.model.encoder_layers}+{config.model.decoder_layers} layers")
+        f"{config.model.encoder_layers}+{config.model.decoder_layers} layers, on {device}")
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
-    steps_per_epoch = math.ceil(len(enc_train) / tc.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(tc.warmup_steps, steps_per_epoch * tc.epochs))
+    steps_per_epoch = sum(1 for _ in length_batches(lengths, tc.batch_size, None,
+                                                    max_tokens=tc.max_batch_tokens))
+    budget_s = tc.max_minutes * 60.0
+    schedule = BudgetSchedule(
+        warmup_for(tc.warmup_steps, steps_per_epoch, steps_per_epoch * tc.epochs),
+        steps_per_epoch * tc.epochs, tc.lr_min_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    planned_epochs = tc.epochs
+    # the fidelity sample: fixed validation patients, limits as the bundle's engine will have
+    fid_real = validation_subsample(split.val, tc.fidelity_patients, tc.seed + 17)
+    limits = {"max_visits": max(len(p.visits) for p in train_patients),
+              "max_codes": max(len(v) for p in train_patients for v in p.visits)}
+    higher_is_better = tc.monitor == "fidelity"
+    if tc.monitor not in ("fidelity", "nll_per_token", "nll_per_code"):
+        raise ValueError(f"train.monitor: unknown {tc.monitor!r}; use fidelity, "
+                         f"nll_per_token or nll_per_code")
 
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
-    best_score, best_epoch, bad_epochs, start_epoch, elapsed_before = math.inf, -1, 0, 0, 0.0
+    best_score, best_epoch, bad_epochs, start_epoch, elapsed_before = math.nan, -1, 0, 0, 0.0
+    post_s = 0.0  # measured cost of the work that follows training (evaluations, sampling)
     stopped_by = "epochs"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -169,18 +201,37 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        schedule.load_state_dict(ckpt["schedule"])
+        planned_epochs = ckpt["planned_epochs"]
         history, best_state = ckpt["history"], ckpt["best_state"]
         best_score, best_epoch = ckpt["best_score"], ckpt["best_epoch"]
         bad_epochs, start_epoch = ckpt["bad_epochs"], ckpt["epoch"] + 1
         elapsed_before = ckpt.get("elapsed_s", 0.0)
+        post_s = ckpt.get("post_s", 0.0)
         stopped_by = ckpt.get("stopped_by") or "epochs"
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
     elif resume:
         log(f"no checkpoint in {out_dir}; starting from scratch")
 
+    def replan(epochs_done: float, epoch_s: float) -> None:
+        nonlocal planned_epochs
+        if budget_s <= 0:
+            return
+        elapsed = elapsed_before + time.perf_counter() - started
+        # keep back what follows training (measured) and the export
+        reserve = post_s + 20.0
+        wanted = plan_epochs(max_epochs=tc.epochs, epochs_done=epochs_done, budget_s=budget_s,
+                             elapsed_s=elapsed, epoch_s=epoch_s, reserve_s=reserve)
+        wanted = max(wanted, math.ceil(epochs_done))
+        if schedule.replan(wanted * steps_per_epoch, scheduler.last_epoch):
+            planned_epochs = math.ceil(schedule.total_steps / steps_per_epoch)
+            log(f"time budget {tc.max_minutes:g} min: schedule planned for {planned_epochs} "
+                f"epoch(s) ({schedule.total_steps} steps, {epoch_s:.0f}s per epoch)")
+
     epochs_run = 0
-    done = start_epoch >= tc.epochs or bad_epochs >= tc.patience
+    done = start_epoch >= planned_epochs or (bad_epochs >= tc.patience and tc.patience > 0)
     epoch = start_epoch
+    probe_steps = min(30, steps_per_epoch)
     while not done:
         epoch_start = time.perf_counter()
         rng = np.random.default_rng([tc.seed, epoch])
@@ -188,10 +239,11 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         model.train()
         total, n_tok = 0.0, 0
         code_nll, n_code = 0.0, 0
-        batches = list(length_batches(lengths, tc.batch_size, rng))
-        bar = _progress(batches, progress, f"epoch {epoch + 1}/{tc.epochs}")
+        batches = list(length_batches(lengths, tc.batch_size, rng,
+                                      max_tokens=tc.max_batch_tokens))
+        bar = _progress(batches, progress, f"epoch {epoch + 1}/{planned_epochs}")
         for n_batches, idx in enumerate(bar, start=1):
-            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train")
+            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train").to(device)
             out = compute_loss(model, batch, oc, cooc_t)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -205,16 +257,41 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             n_code += out.n_codes
             if hasattr(bar, "set_postfix") and n_batches % 20 == 0:
                 bar.set_postfix(loss=f"{total / n_tok:.3f}")
-        val_obj = evaluate(model, enc_val, oc, "train", tc.eval_batch_size, cooc=cooc_t)
-        val_gen = evaluate(model, enc_val, oc, "demographics", tc.eval_batch_size)
-        score = val_gen["nll_per_code"] if tc.monitor == "nll_per_code" else \
-            val_gen["nll_per_token"]
-        improved = not math.isfinite(best_score) or \
-            score < best_score - tc.min_delta * abs(best_score)
+            if epoch == 0 and n_batches == probe_steps and not history:
+                # first plan: step time of the first steps, plus a guess for validation
+                per_step = (time.perf_counter() - epoch_start) / probe_steps
+                replan(n_batches / steps_per_epoch, 1.3 * per_step * steps_per_epoch)
+        train_s = time.perf_counter() - epoch_start
+        tick = time.perf_counter()
+        val_obj = evaluate(model, enc_val, oc, "train", tc.eval_batch_size, cooc=cooc_t,
+                           max_tokens=tc.eval_max_batch_tokens)
+        val_gen = evaluate(model, enc_val, oc, "demographics", tc.eval_batch_size,
+                           max_tokens=tc.eval_max_batch_tokens)
+        eval_s = time.perf_counter() - tick
+        fidelity = None
+        if tc.monitor == "fidelity":
+            engine = sample_engine(model, vocab, **limits)
+            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED)
+            model.train()
+            score = fidelity["score"]
+        else:
+            score = val_gen[tc.monitor]
+        # what follows training: the test evaluation (two passes) and the calibration's
+        # samples (four of up to calibration_patients validation demographics)
+        n_cal = min(tc.calibration_patients or len(split.val), len(split.val))
+        post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
+            4 * fidelity["seconds"] * n_cal / max(len(fid_real), 1)
+            if fidelity and tc.calibrate else 0.0)
+        if higher_is_better:
+            improved = not math.isfinite(best_score) or score > best_score + tc.min_delta
+        else:
+            improved = not math.isfinite(best_score) or \
+                score < best_score - tc.min_delta * abs(best_score)
         if improved:
             best_score, best_epoch, bad_epochs = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        elif schedule.progress(scheduler.last_epoch) >= 0.5:
+            # before half the schedule a flat score is expected (high learning rate)
             bad_epochs += 1
         record = {"epoch": epoch + 1, "train_loss": total / max(n_tok, 1),
                   "train_ppl_code": math.exp(code_nll / max(n_code, 1)),
@@ -222,27 +299,32 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
                   "val_nll_per_token": val_gen["nll_per_token"],
                   "val_ppl_code": val_gen["ppl_code"],
                   "val_nll_structure": val_gen["nll_per_structure_token"],
-                  "lr": scheduler.get_last_lr()[0],
+                  "val_fidelity": fidelity, "score": score,
+                  "lr": scheduler.get_last_lr()[0], "train_seconds": train_s,
                   "seconds": time.perf_counter() - epoch_start, "best": improved}
         history.append(record)
-        log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} (ppl/code "
-            f"{record['train_ppl_code']:.2f}) | val loss {record['val_loss']:.4f} | val from "
-            f"demographics: nll/token {val_gen['nll_per_token']:.4f}, ppl/code "
-            f"{record['val_ppl_code']:.2f}"
-            f"{' *' if improved else ''} | {record['seconds']:.0f}s")
+        fid_text = (f" | val fidelity {score:.4f} (bigram R2 {fidelity['bigram_r2']:.3f}, "
+                    f"unigram R2 {fidelity['unigram_r2']:.3f}, KS visits "
+                    f"{fidelity['ks_visits_per_patient']:.3f})" if fidelity else "")
+        log(f"epoch {epoch + 1}/{planned_epochs}: train loss {record['train_loss']:.4f} "
+            f"(ppl/code {record['train_ppl_code']:.2f}) | val loss {record['val_loss']:.4f} | "
+            f"val from demographics: nll/token {val_gen['nll_per_token']:.4f}, ppl/code "
+            f"{record['val_ppl_code']:.2f}{fid_text}{' *' if improved else ''} | lr "
+            f"{record['lr']:.2e} | {record['seconds']:.0f}s")
         epochs_run += 1
+        replan(epoch + 1, float(np.mean([h["seconds"] for h in history[-3:]])))
         elapsed = elapsed_before + time.perf_counter() - started
-        if bad_epochs >= tc.patience:
+        if epoch + 1 >= planned_epochs:
+            stopped_by = "time_budget" if planned_epochs < tc.epochs else "epochs"
+            done = True
+        elif tc.patience > 0 and bad_epochs >= tc.patience:
             stopped_by, done = "early_stopping", True
-        elif epoch + 1 >= tc.epochs:
-            stopped_by, done = "epochs", True
-        elif tc.max_minutes > 0 and elapsed / 60 >= tc.max_minutes:
-            stopped_by, done = "time_budget", True
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history,
+                    "scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
+                    "planned_epochs": planned_epochs, "history": history,
                     "best_state": best_state, "best_score": best_score,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "epoch": epoch,
-                    "run_config": config.to_dict(), "elapsed_s": elapsed,
+                    "run_config": config.to_dict(), "elapsed_s": elapsed, "post_s": post_s,
                     "stopped_by": stopped_by if done else None}, ckpt_path)
         epoch += 1
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs and not done:
@@ -252,19 +334,40 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    test_gen = evaluate(model, enc_test, oc, "demographics", tc.eval_batch_size)
-    test_full = evaluate(model, enc_test, oc, "full", tc.eval_batch_size)
+    test_gen = evaluate(model, enc_test, oc, "demographics", tc.eval_batch_size,
+                        max_tokens=tc.eval_max_batch_tokens)
+    test_full = evaluate(model, enc_test, oc, "full", tc.eval_batch_size,
+                         max_tokens=tc.eval_max_batch_tokens)
+    calibration = None
+    if tc.calibrate:
+        cal_real = validation_subsample(split.val, tc.calibration_patients, tc.seed + 29)
+        engine = sample_engine(model, vocab, **limits)
+        calibration = fit_stop_calibration(
+            engine, cycled_demographics(cal_real, min(tc.calibration_patients, 4000)),
+            train_patients, seed=EVAL_SEED, log=log)
+    model.cpu()
     wall = elapsed_before + time.perf_counter() - started
+    best = history[best_epoch] if 0 <= best_epoch < len(history) else {}
     metrics = {
-        "best_epoch": best_epoch + 1, "epochs_run": len(history), "stopped_by": stopped_by,
+        "best_epoch": best_epoch + 1, "selected_epoch": best_epoch + 1,
+        "epochs_run": len(history), "stopped_by": stopped_by,
+        "schedule": {"planned_epochs": planned_epochs, "max_epochs": tc.epochs,
+                     "steps_per_epoch": steps_per_epoch, **schedule.state_dict(),
+                     "lr": tc.lr, "final_lr": history[-1]["lr"] if history else None,
+                     "budget_minutes": tc.max_minutes,
+                     "completed": bool(history) and len(history) >= planned_epochs},
+        "monitor": tc.monitor,
         "history": history,
-        "val": {"nll_per_token": best_score, "ppl_code": history[best_epoch]["val_ppl_code"]
-                if 0 <= best_epoch < len(history) else None},
+        "val": {"nll_per_token": best.get("val_nll_per_token"),
+                "ppl_code": best.get("val_ppl_code"), "score": best.get("score"),
+                "fidelity": best.get("val_fidelity")},
         "test": {"ppl_code_from_demographics": test_gen["ppl_code"],
                  "nll_per_token_from_demographics": test_gen["nll_per_token"],
                  "ppl_code_from_full_patient": test_full["ppl_code"],
                  "n_codes": test_gen["n_codes"]},
+        "stop_calibration": calibration.info if calibration is not None else None,
         "wall_seconds": wall, "peak_rss_mb": peak_rss_mb(), "threads": tc.threads,
+        "device": str(device),
     }
     data = {"source": corpus.source, "content_hash": corpus_hash(corpus.patients),
             "n_patients": len(corpus.patients), "dropped": dict(corpus.drops.counts),
@@ -274,13 +377,30 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     manifest = write_bundle(out_dir, model=model, vocab=vocab, cooccurrence=cooc,
                             train_patients=train_patients, run_config=config.to_dict(),
                             data=data, splits=sizes, metrics=metrics)
+    if calibration is not None:
+        calibration.save(out_dir / CALIBRATION_FILE)
+        add_bundle_file(out_dir, CALIBRATION_FILE)
+    if model_choice is not None:
+        manifest = read_manifest(out_dir)
+        manifest["model_choice"] = model_choice
+        write_manifest(out_dir, manifest)
+    manifest = read_manifest(out_dir)
     log(f"test per-code perplexity from demographics {test_gen['ppl_code']:.2f} "
-        f"(full patient in the encoder: {test_full['ppl_code']:.2f}); bundle written to "
+        f"(full patient in the encoder: {test_full['ppl_code']:.2f}); selected epoch "
+        f"{best_epoch + 1} of {len(history)} ({stopped_by}); bundle written to "
         f"{out_dir} in {wall / 60:.1f} min, peak RSS {metrics['peak_rss_mb']:.0f} MiB")
     if export:
         manifest = _maybe_export(model, out_dir, log) or manifest
     ckpt_path.unlink(missing_ok=True)
     return TrainResult(out_dir, manifest, history, model)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda, but torch sees no CUDA GPU; use cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"train.device: unknown {name!r}; use cpu or cuda")
+    return torch.device(name)
 
 
 def _comparable(run_config: dict[str, Any]) -> dict[str, Any]:

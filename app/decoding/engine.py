@@ -45,13 +45,23 @@ from typing import Any
 import numpy as np
 
 from app.corpus import AGE_CAP, Patient
+from app.decoding.calibration import CALIBRATION_FILE, StopCalibration
 from app.decoding.errors import (
     ImpossibleConstraintError,
     InvalidParametersError,
     PrivacyGuardError,
     UnknownCodeError,
 )
-from app.decoding.grammar import DONE, END_VISIT_ID, EOS_ID, IN_VISIT, N_SPECIAL, VISIT_ID, Grammar
+from app.decoding.grammar import (
+    AFTER_VISIT,
+    DONE,
+    END_VISIT_ID,
+    EOS_ID,
+    IN_VISIT,
+    N_SPECIAL,
+    VISIT_ID,
+    Grammar,
+)
 from app.decoding.model_api import SEX_IDS, StepModel
 from app.decoding.params import (
     CooccurrenceParams,
@@ -124,7 +134,8 @@ class Engine:
                  cooccurrence: CooccurrenceStats | None = None,
                  retrieval: RetrievalIndex | None = None, max_visits: int = 20,
                  max_codes_per_visit: int = 40, max_length: int = 256, batch_size: int = 64,
-                 edits: CodeEdits | None = None, max_prompt_length: int | None = None) -> None:
+                 edits: CodeEdits | None = None, max_prompt_length: int | None = None,
+                 calibration: StopCalibration | None = None) -> None:
         if getattr(model, "vocab_size", len(vocab)) != len(vocab):
             raise ValueError(f"model has {model.vocab_size} tokens, vocabulary {len(vocab)}")
         if batch_size < 1:
@@ -139,6 +150,10 @@ class Engine:
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length or max_length
         self.validity = ValidityMask(vocab, edits)
+        # The bundle's stop calibration (app.decoding.calibration); None or empty: the model's
+        # own stop probabilities.
+        self.calibration = calibration if calibration is not None and not calibration.empty \
+            else None
         self.model_seconds = 0.0
 
     @classmethod
@@ -168,13 +183,16 @@ class Engine:
         retrieval = None
         if any(bundle.has_file(n) for n in ("train_index.json.gz", "train_index.json")):
             retrieval = RetrievalIndex.from_records(bundle.load_train_index(), vocab)
+        calibration = None
+        if bundle.has_file(CALIBRATION_FILE):
+            calibration = StopCalibration.load(bundle.file(CALIBRATION_FILE))
         positions = int(bundle.model_config.get("max_positions", 256))
         options: dict[str, Any] = {
             "max_length": positions, "max_prompt_length": positions,
             "max_visits": max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
             "max_codes_per_visit": max((int(k) for k in stats.get("codes_per_visit", {})),
                                        default=40),
-            "batch_size": batch_size}
+            "batch_size": batch_size, "calibration": calibration}
         options.update(overrides)
         model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
@@ -491,6 +509,10 @@ class Engine:
             live = gstate.phase != DONE
             in_visit = gstate.phase == IN_VISIT
             scores = logp
+            if self.calibration is not None:
+                scores = self.calibration.apply(scores, gstate.phase == AFTER_VISIT,
+                                                gstate.n_visits, in_visit, gstate.n_codes,
+                                                EOS_ID, END_VISIT_ID)
             if bias is not None and in_visit.any():
                 scores = _biased(logp, bias.bias, allowed, keep_length)
             width = vocab_size if in_visit.any() else N_SPECIAL

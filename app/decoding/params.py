@@ -29,7 +29,7 @@ the fidelity of ``plain``; the sweeps behind each default are in the field descr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,14 +41,16 @@ __all__ = [
     "PlainParams",
     "RerankParams",
     "RetrieveEditParams",
+    "Work",
     "parse_params",
+    "work_of",
 ]
 
 
 class PlainParams(BaseModel):
     """Sampling controls shared by every strategy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     temperature: float = Field(1.0, gt=0.0, le=10.0, description=(
         "Divides the model's logits before sampling; below 1 sharpens, above 1 flattens."))
@@ -133,6 +135,29 @@ STRATEGIES: dict[str, type[PlainParams]] = {
     "rerank": RerankParams,
     "retrieve_edit": RetrieveEditParams,
 }
+
+
+class Work(NamedTuple):
+    """What a request asks the engine for, at most: the budget the service checks."""
+
+    rows: int  # rows decoded on the first attempt
+    rows_field: str | None  # the parameter multiplying the patients, if any
+    retries: int  # rows the privacy guard may decode again (retrieve_edit), at most
+
+
+def work_of(strategy: str, params: PlainParams | dict[str, Any] | None, patients: int) -> Work:
+    """The work budget of ``patients`` patients under ``strategy`` and ``params``.
+
+    ``rerank`` decodes ``candidates`` rows per patient, the others one; ``retrieve_edit``
+    decodes each rejected row again, up to ``max_retries`` times. Decoding cost is about
+    linear in rows at the engine's batch sizes, so rows are what a deployment budgets.
+    """
+    parsed = parse_params(strategy, params)
+    if isinstance(parsed, RerankParams):
+        return Work(patients * parsed.candidates, "candidates", 0)
+    if isinstance(parsed, RetrieveEditParams):
+        return Work(patients, None, patients * parsed.max_retries)
+    return Work(patients, None, 0)
 
 
 def parse_params(strategy: str, params: PlainParams | dict[str, Any] | None) -> PlainParams:

@@ -27,7 +27,7 @@ decoder's masks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -142,23 +142,48 @@ class Targeting:
     def sample_any_of(self, engine, demographics: Sequence[tuple[float, str]],
                       any_of: Sequence[str], *, strategy: str, params: dict | None, seed: int,
                       must_include: Sequence[str], exclude: Sequence[str],
-                      validity_mask: bool) -> list:
+                      validity_mask: bool, row_seeds: Sequence[int] | None = None,
+                      row_indices: Sequence[int] | None = None,
+                      should_stop: Callable[[], bool] | None = None, step: int | None = None,
+                      stopped: type[Exception] = RuntimeError) -> list:
         """Patients (``app.corpus.Patient``) each carrying a code of ``any_of`` (expanded
-        codes), decoded by ``engine`` (see the module docstring)."""
+        codes), decoded by ``engine`` (see the module docstring).
+
+        Patient ``i`` is keyed on ``row_seeds[i]`` and ``row_indices[i]`` (default: ``seed``
+        and ``i``), as the engine keys its rows. With ``should_stop``, each try is decoded
+        ``step`` patients per engine call (the engine's rows do not depend on their batch, so
+        the patients are the same) and ``should_stop`` is asked before each call; when it says
+        yes, ``stopped`` is raised."""
         target = set(any_of) - set(exclude)
         n = len(demographics)
+        seeds = [int(s) for s in row_seeds] if row_seeds is not None else [int(seed)] * n
+        indices = [int(i) for i in row_indices] if row_indices is not None else list(range(n))
         out: list = [None] * n
         pending = list(range(n))
-        common = {"strategy": strategy, "params": params or {},
-                  "must_include": list(must_include) or None, "validity_mask": validity_mask,
+        common = {"strategy": strategy, "params": params or {}, "validity_mask": validity_mask,
                   **({"exclude": list(exclude)} if exclude else {})}
+
+        def decode(rows: list[int], attempt: int, required: list[list[str]]) -> list:
+            """Try ``attempt`` of ``rows``, row ``rows[k]`` with required codes
+            ``required[k]``."""
+            size = max(1, step or len(rows)) if should_stop is not None else len(rows)
+            patients: list = []
+            for lo in range(0, len(rows), size):
+                if should_stop is not None and should_stop():
+                    raise stopped(f"stopped with {len(pending)} of {n} patients to decode")
+                part = rows[lo:lo + size]
+                trials = [_try_seed(seeds[i], attempt) for i in part]
+                must = required[lo:lo + size]
+                result = engine.generate([demographics[i] for i in part], seed=trials[0],
+                                         row_seeds=trials, row_indices=[indices[i] for i in part],
+                                         must_include=must if any(must) else None, **common)
+                patients.extend(result.patients)
+            return patients
+
         for attempt in range(ANY_OF_TRIES):
-            trial = _try_seed(seed, attempt)
-            result = engine.generate([demographics[i] for i in pending], seed=trial,
-                                     row_seeds=[trial] * len(pending), row_indices=pending,
-                                     **common)
+            patients = decode(pending, attempt, [list(must_include)] * len(pending))
             left = []
-            for i, patient in zip(pending, result.patients, strict=True):
+            for i, patient in zip(pending, patients, strict=True):
                 if any(c in target for visit in patient.visits for c in visit):
                     out[i] = patient
                 else:
@@ -171,12 +196,9 @@ class Targeting:
         if pending:
             part = [demographics[i] for i in pending]
             chosen = self.choose(sorted(target), part, exclude, validity_mask,
-                                 [int(seed)] * len(pending), pending)
-            trial = _try_seed(seed, ANY_OF_TRIES)
-            common["must_include"] = [[*must_include, code] for code in chosen]
-            result = engine.generate(part, seed=trial, row_seeds=[trial] * len(pending),
-                                     row_indices=pending, **common)
-            for i, patient in zip(pending, result.patients, strict=True):
+                                 [seeds[i] for i in pending], [indices[i] for i in pending])
+            patients = decode(pending, ANY_OF_TRIES, [[*must_include, code] for code in chosen])
+            for i, patient in zip(pending, patients, strict=True):
                 out[i] = patient
         return out
 

@@ -10,7 +10,10 @@ Inference never runs on the event loop: synchronous generation goes to a bounded
 synchronous iterator that Starlette drives from a thread. Concurrent ``POST /v1/patients``
 requests of equal strategy, params and validity flag are micro-batched into one engine call
 (:mod:`app.service.batcher`; ``batch_window_ms``, ``max_batch_patients``,
-``batch_concurrency``) with byte-identical responses.
+``batch_concurrency``) with byte-identical responses. Each such request is bounded: a work
+budget checked before it runs (:func:`app.decoding.params.work_of`), and ``request_timeout_s``
+and the client's presence checked while it runs; either way out stops its engine work at the
+next engine batch. Responses never carry a filesystem path (:mod:`app.service.redact`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -25,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
@@ -49,6 +54,7 @@ from app.decoding.errors import (
     PrivacyGuardError,
     UnknownCodeError,
 )
+from app.decoding.params import work_of
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
 from app.service import exports
@@ -61,6 +67,7 @@ from app.service.jobs import (
     status_of,
 )
 from app.service.models import GeneratorSet, UnknownModelError, model_name
+from app.service.redact import redact_text
 from app.service.schemas import (
     CodeDetail,
     CohortSpec,
@@ -69,7 +76,7 @@ from app.service.schemas import (
     PatientsRequest,
     PatientsResponse,
 )
-from app.service.store import JobStore, make_store
+from app.service.store import JobStore, TooManyJobs, make_store
 from app.service.worker import Worker, start_thread
 from app.settings import Settings
 
@@ -93,8 +100,12 @@ model trained offline. Nothing served is a training record.
   `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3|omop|fhir|parquet`.
   An identical request (spec, seed, model) returns the same job or its cached result.
 
-Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`).
-When the deployment sets an API key, send it in the `X-API-Key` header.
+Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`),
+including requests over the deployment's work budget (patients x `candidates`, patients x
+`max_retries`). A synchronous request that runs past the deployment's timeout gets `504`, and
+its generation stops, as it does when the client disconnects. A client with too many
+unfinished cohorts gets `429`. When the deployment sets an API key, send it in the `X-API-Key`
+header.
 """
 
 
@@ -105,17 +116,30 @@ def _field(loc: list | tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def invalid(field: str, message: str, where: str = "body") -> JSONResponse:
-    """A 422 in FastAPI's format, for checks outside the pydantic models."""
-    loc = [where, *field.split(".")] if field else [where]
-    return JSONResponse(status_code=422, content={"detail": [
-        {"loc": loc, "field": field, "msg": message, "type": "value_error"}]})
+def invalid(field: str, message: str, where: str = "body",
+            also: tuple[str, ...] = ()) -> JSONResponse:
+    """A 422 in FastAPI's format, for checks outside the pydantic models; ``also`` names
+    further fields the same reason applies to (a budget exceeded by their product)."""
+    detail = []
+    for name in (field, *also):
+        loc = [where, *name.split(".")] if name else [where]
+        detail.append({"loc": loc, "field": name, "msg": message, "type": "value_error"})
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _json_scalar(value: Any) -> bool:
+    """True for a value JSON can carry back as it came: NaN, Infinity and 1e400 (read as
+    infinity) cannot be encoded, so the 422 that rejects them must not echo them."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int, bool, type(None)))
 
 
 class _Invalid(Exception):
-    def __init__(self, field: str, message: str, where: str = "body") -> None:
+    def __init__(self, field: str, message: str, where: str = "body",
+                 also: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.field, self.message, self.where = field, message, where
+        self.field, self.message, self.where, self.also = field, message, where, also
 
 
 def _generation_error_field(err: GenerationError) -> str:
@@ -131,6 +155,31 @@ def _generation_error_field(err: GenerationError) -> str:
 
 
 # -- rate limit, body size and metrics as one pure ASGI middleware -------------------------------
+
+def key_is_valid(key: str | bytes | None, expected: str) -> bool:
+    """Constant-time check of an ``X-API-Key`` value, compared as bytes: a header may carry
+    any byte (Starlette hands it over as Latin-1 text, which encodes back to the raw bytes),
+    and ``compare_digest`` refuses non-ASCII ``str``, which used to turn such a key into a
+    500 instead of a 401. The deployment's key is compared as UTF-8."""
+    if not key:
+        return False
+    if isinstance(key, str):
+        try:
+            key = key.encode("latin-1")
+        except UnicodeEncodeError:
+            key = key.encode("utf-8")
+    return secrets.compare_digest(key, expected.encode("utf-8"))
+
+
+def client_key(headers: dict[bytes, bytes], client: tuple | None, api_key: str | None) -> str:
+    """The rate limiter's bucket for a request: the API key's hash when it is the valid key,
+    else the client's address. An invalid key never gets a bucket of its own, so rotating
+    the header does not escape the limit."""
+    given = headers.get(b"x-api-key")
+    if api_key and given and key_is_valid(given, api_key):
+        return "key:" + hashlib.sha256(given).hexdigest()[:16]
+    return "addr:" + str((client or ("?",))[0])
+
 
 class _Buckets:
     """Token buckets per client: ``rate`` per minute, ``burst`` at once."""
@@ -188,6 +237,7 @@ class GuardMiddleware:
         self.buckets = (_Buckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
                         if settings.rate_limit_per_minute > 0 else None)
         self.metrics = metrics
+        self.api_key = settings.api_key
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -205,8 +255,7 @@ class GuardMiddleware:
 
         headers = dict(scope.get("headers") or [])
         if limited and self.buckets is not None:
-            client = headers.get(b"x-api-key") or (scope.get("client") or ("?",))[0]
-            wait = self.buckets.take(str(client))
+            wait = self.buckets.take(client_key(headers, scope.get("client"), self.api_key))
             if wait > 0:
                 await _plain(send_wrapper, 429, "rate limit exceeded; retry later",
                              [(b"retry-after", str(max(1, round(wait))).encode())])
@@ -263,6 +312,26 @@ async def _plain(send, status: int, message: str, extra: list | None = None) -> 
     await send({"type": "http.response.body", "body": body})
 
 
+@lru_cache(maxsize=1)
+def cms_codes() -> frozenset[str]:
+    """Every code of CMS ICD-9-CM v32: the billable codes and their categories and
+    subcategories (every prefix of at least 3 characters, 4 for E codes)."""
+    out: set[str] = set()
+    for code in load_hierarchy().billable_codes:
+        shortest = 4 if code.startswith("E") else 3
+        out.update(code[:k] for k in range(shortest, len(code) + 1))
+    return frozenset(out)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read by then, so the next ASGI
+    message a server sends this request is ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 # -- the application --------------------------------------------------------------------------
 
 class ServiceState:
@@ -306,9 +375,13 @@ def create_app(settings: Settings | None = None, *, generator=None,
             log.info("bundle loaded", extra={"bundle": settings.bundles or str(settings.bundle),
                                              "version": state.generator.bundle_version})
         except Exception as err:  # noqa: BLE001 - stay up, report not-ready with the reason
-            state.load_error = f"{type(err).__name__}: {err}"
             log.error("bundle not loaded: the service is not ready",
-                      extra={"bundle": str(settings.bundle), "error": state.load_error})
+                      extra={"bundle": str(settings.bundle), "error": f"{err}"})
+            # Served by /ready: the bundle's folder name, never its path on this machine.
+            text = f"{type(err).__name__}: {err}"
+            for form in {str(settings.bundle.resolve()), str(settings.bundle)}:
+                text = text.replace(form, settings.bundle.resolve().name)
+            state.load_error = redact_text(text)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -356,14 +429,14 @@ def create_app(settings: Settings | None = None, *, generator=None,
         for e in exc.errors():
             item = {"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())),
                     "msg": e.get("msg", ""), "type": e.get("type", "")}
-            if "input" in e and isinstance(e["input"], (str, int, float, bool, type(None))):
+            if "input" in e and _json_scalar(e["input"]):
                 item["input"] = e["input"]
             detail.append(item)
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(_Invalid)
     async def _invalid(request: Request, exc: _Invalid) -> JSONResponse:
-        return invalid(exc.field, exc.message, exc.where)
+        return invalid(exc.field, exc.message, exc.where, exc.also)
 
     @app.exception_handler(GenerationError)
     async def _generation(request: Request, exc: GenerationError) -> JSONResponse:
@@ -372,7 +445,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
     # -- auth ---------------------------------------------------------------------------------
     async def require_key(key: Annotated[str | None, Depends(KEY_HEADER)]) -> None:
         # async: a sync dependency would cost every /v1 request a thread-pool round trip
-        if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
+        if settings.api_key and not key_is_valid(key, settings.api_key):
             from fastapi import HTTPException
 
             raise HTTPException(401, "missing or wrong X-API-Key",
@@ -387,9 +460,24 @@ def create_app(settings: Settings | None = None, *, generator=None,
 
     v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=[Depends(require_key)])
 
-    def check_limits(params: dict[str, Any], n: int, n_field: str, limit: int) -> None:
+    def check_limits(strategy: str, params: dict[str, Any], n: int, n_field: str, limit: int,
+                     max_rows: int, max_retries: int) -> None:
         if n > limit:
             raise _Invalid(n_field, f"at most {limit} patients per request here, got {n}")
+        retries = params.get("max_retries")
+        if retries is not None and retries > settings.max_retries:
+            raise _Invalid("params.max_retries", f"at most {settings.max_retries}, got {retries}")
+        # The work budget: what the engine may be asked to decode (app.decoding.params.work_of).
+        work = work_of(strategy, params, n)
+        if work.rows > max_rows:
+            factor = f"params.{work.rows_field}"
+            raise _Invalid(n_field, f"this request decodes {work.rows} rows ({n_field} x "
+                           f"{factor}); the budget here is {max_rows}: ask for fewer patients "
+                           "or candidates", also=(factor,))
+        if work.retries > max_retries:
+            raise _Invalid(n_field, f"this request allows {work.retries} retries ({n_field} x "
+                           f"params.max_retries); the budget here is {max_retries}: ask for "
+                           "fewer patients or retries", also=("params.max_retries",))
         mv = params.get("max_visits")
         if mv is not None and mv > settings.max_visits:
             raise _Invalid("params.max_visits", f"at most {settings.max_visits}, got {mv}")
@@ -421,6 +509,31 @@ def create_app(settings: Settings | None = None, *, generator=None,
                                     f"{model_name(gen) or 'one unnamed bundle'}")
         return gen
 
+    async def bounded(request: Request, work: Any) -> Any:
+        """Await ``work`` for at most ``request_timeout_s``, and only while the client is
+        there. Either way out cancels it, which tells the inference thread to stop at its next
+        engine batch (:mod:`app.service.batcher`): nobody's abandoned work holds a core."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, timeout=settings.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        from fastapi import HTTPException
+
+        if gone in done:
+            log.info("client left; generation stopped", extra={"path": request.url.path})
+            raise HTTPException(499, "client closed the request")
+        log.warning("request timed out; generation stopped",
+                    extra={"path": request.url.path, "timeout_s": settings.request_timeout_s})
+        raise HTTPException(504, f"generation took longer than {settings.request_timeout_s:g} s "
+                                 "(request_timeout_s) and was stopped: ask for fewer patients "
+                                 "or candidates")
+
     def check_codes(gen, codes: list[str]) -> None:
         for i, code in enumerate(codes):
             if not gen.has_code(code):
@@ -430,28 +543,41 @@ def create_app(settings: Settings | None = None, *, generator=None,
     @v1.post("/patients", response_model=PatientsResponse, tags=["patients"],
              summary="Generate up to 100 patients synchronously",
              responses={422: {"description": "Invalid request: `detail` names field and reason"},
-                        503: {"description": "No model loaded"}})
-    async def post_patients(body: PatientsRequest) -> Any:
+                        503: {"description": "No model loaded"},
+                        504: {"description": "Ran past `request_timeout_s`; generation stopped"}})
+    async def post_patients(body: PatientsRequest, request: Request) -> Any:
         gen = model_generator(body.model)
         demographics = body.demographics()
-        check_limits(body.params, len(demographics),
+        check_limits(body.strategy, body.params, len(demographics),
                      "patients" if body.patients is not None else "n",
-                     settings.max_patients_per_request)
+                     settings.max_patients_per_request, settings.max_decoded_rows,
+                     settings.max_retries_per_request)
         check_codes(gen, body.must_include)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        if body.any_of or body.exclude:  # targeted: its own engine call (not micro-batched)
-            patients = await asyncio.get_running_loop().run_in_executor(
-                state.pool, lambda: gen.generate(
-                    demographics, strategy=body.strategy, params=body.params, seed=seed,
-                    must_include=body.must_include, validity_mask=body.validity_mask,
-                    any_of=body.any_of, exclude=body.exclude))
+        if body.any_of or body.exclude:  # targeted: its own engine calls (not micro-batched)
+            patients = await bounded(request, targeted(gen, body, demographics, seed))
             return patients_response(gen, body, seed, demographics, patients)
         # Concurrent requests of equal strategy/params/validity share one engine call in the
         # inference pool (app.service.batcher); each gets exactly the patients it would alone.
-        patients = await batcher_for(gen).generate(
+        patients = await bounded(request, batcher_for(gen).generate(
             demographics, strategy=body.strategy, params=body.params, seed=seed,
-            must_include=body.must_include, validity_mask=body.validity_mask)
+            must_include=body.must_include, validity_mask=body.validity_mask))
         return patients_response(gen, body, seed, demographics, patients)
+
+    async def targeted(gen, body: PatientsRequest, demographics: list[tuple[float, str]],
+                       seed: int) -> list:
+        """A targeted request in the inference pool; cancelled (timeout, client gone), the
+        thread stops at its next engine batch, as the micro-batcher's requests do."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                state.pool, lambda: gen.generate(
+                    demographics, strategy=body.strategy, params=body.params, seed=seed,
+                    must_include=body.must_include, validity_mask=body.validity_mask,
+                    any_of=body.any_of, exclude=body.exclude, should_stop=cancel.is_set))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     def patients_response(gen, body: PatientsRequest, seed: int,
                           demographics: list[tuple[float, str]], patients: list) -> JSONResponse:
@@ -475,12 +601,14 @@ def create_app(settings: Settings | None = None, *, generator=None,
              responses={202: {"description": "Accepted; `Location` is the job's URL",
                               "headers": {"Location": {"schema": {"type": "string"}}}},
                         422: {"description": "Invalid spec: `detail` names field and reason"},
+                        429: {"description": "Too many unfinished cohorts of this client"},
                         503: {"description": "No model loaded, or the store is unreachable"}})
-    def post_cohort(spec: CohortSpec, response: Response) -> Any:
+    def post_cohort(spec: CohortSpec, response: Response, request: Request) -> Any:
         gen = model_generator(spec.model)
         if isinstance(state.generator, GeneratorSet):  # the default by name: one cache key
             spec = spec.model_copy(update={"model": state.generator.name_of(spec.model)})
-        check_limits(spec.params, spec.size, "size", settings.max_cohort_size)
+        check_limits(spec.strategy, spec.params, spec.size, "size", settings.max_cohort_size,
+                     settings.max_cohort_decoded_rows, settings.max_cohort_retries)
         check_codes(gen, spec.must_include)
         check_target = getattr(gen, "check_target", None)
         if check_target is not None:  # infeasible targeting: 422 now, not a failed job later
@@ -490,16 +618,36 @@ def create_app(settings: Settings | None = None, *, generator=None,
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
                             settings.generation_batch)
+        client = client_key(dict(request.scope.get("headers") or []),
+                            request.scope.get("client"), settings.api_key)
         try:
-            record, created = store.submit(job_id, record)
+            record, created = store.submit(job_id, record, client=client,
+                                           max_active=settings.max_active_cohorts_per_client)
+        except TooManyJobs as err:
+            metrics.jobs.labels("refused").inc()
+            return JSONResponse(status_code=429, headers={"Retry-After": "30"}, content={
+                "detail": f"this client already has {err.active} unfinished cohort jobs (at "
+                          f"most {settings.max_active_cohorts_per_client}): wait for one to "
+                          "finish or cancel one"})
         except store.connection_errors as err:
-            return JSONResponse(status_code=503, content={"detail": f"job store unreachable: "
-                                                                    f"{err}"})
+            return JSONResponse(status_code=503, content={
+                "detail": f"job store unreachable: {redact_text(str(err))}"})
         metrics.jobs.labels("created" if created else "cached").inc()
         response.headers["Location"] = f"/{API_VERSION}/cohorts/{job_id}"
         log.info("cohort submitted", extra={"job": job_id, "size": spec.size,
                                             "new_job": created})
-        return status_of(record, cached=not created, result_urls=result_urls(job_id))
+        return status_of(record, cached=not created, result_urls=result_urls(job_id),
+                         warning=worker_warning())
+
+    def worker_warning() -> str | None:
+        """Why unfinished jobs will not move: no worker seen within ``lease_s``."""
+        try:
+            if store.live_workers(time.time(), settings.lease_s) > 0:
+                return None
+        except store.connection_errors:
+            return None  # the status call reports the outage itself
+        return (f"no cohort worker has been seen for {settings.lease_s:g} s: the job waits in "
+                "the queue until one runs (`synthehr worker` with the same REDIS_URL)")
 
     def get_record(job_id: str) -> dict[str, str]:
         try:
@@ -507,7 +655,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
         except store.connection_errors as err:
             from fastapi import HTTPException
 
-            raise HTTPException(503, f"job store unreachable: {err}") from None
+            raise HTTPException(503, f"job store unreachable: {redact_text(str(err))}") from None
         if record is None:
             from fastapi import HTTPException
 
@@ -520,7 +668,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
             summary="Status, progress, timings and error of a cohort job",
             responses={404: {"description": "Unknown job"}})
     def get_cohort(job_id: JobId) -> Any:
-        return status_of(get_record(job_id), result_urls=result_urls(job_id))
+        record = get_record(job_id)
+        warning = worker_warning() if record["status"] in ("queued", "running") else None
+        return status_of(record, result_urls=result_urls(job_id), warning=warning)
 
     @v1.delete("/cohorts/{job_id}", response_model=CohortStatus, tags=["cohorts"],
                summary="Cancel a cohort job",
@@ -538,7 +688,8 @@ def create_app(settings: Settings | None = None, *, generator=None,
             response_class=StreamingResponse,
             responses={200: {"description": "The cohort", "content": exports.openapi_content()},
                 404: {"description": "Unknown job"},
-                409: {"description": "The job is not done"}})
+                409: {"description": "The job is not done"},
+                410: {"description": "The result expired from the store"}})
     def get_result(job_id: JobId,
                    format: Annotated[exports.Format, Query(
                        description=exports.format_description())] = "json") -> Any:
@@ -547,6 +698,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
             return JSONResponse(status_code=409, content={
                 "detail": f"job {job_id} is {record['status']}, not done",
                 "status": status_of(record).model_dump()})
+        # Every chunk must be there before the first byte goes out (a 200 cannot be taken back
+        # mid-stream), and stay for the download: retain extends their expiry if it is close.
+        if not store.retain(job_id, int(record["n_chunks"]), settings.result_grace_s):
+            return JSONResponse(status_code=410, content={
+                "detail": f"the result of job {job_id} has expired or was lost by the store; "
+                          "submit the cohort again to regenerate it"})
         meta = {"id": job_id, "bundle_version": record.get("bundle_version", ""),
                 "count": int(record["total"])}
         gen = state.generator
@@ -573,7 +730,8 @@ def create_app(settings: Settings | None = None, *, generator=None,
 
     @v1.get("/codes/{code}", response_model=CodeDetail, tags=["model"],
             summary="An ICD-9-CM code's category, chapter and description",
-            responses={422: {"description": "Not an ICD-9-CM code"}})
+            responses={404: {"description": "Well-formed, but not a code of CMS v32"},
+                       422: {"description": "Not an ICD-9-CM code"}})
     def get_code(code: Annotated[str, Path(max_length=16, examples=["250.00"],
                                            description="Any spelling: `250.00` or `25000`")]
                  ) -> Any:
@@ -581,6 +739,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
             info = load_hierarchy().lookup(code)
         except InvalidCodeError as err:
             raise _Invalid("code", str(err), where="path") from None
+        if info.code not in cms_codes():
+            from fastapi import HTTPException
+
+            raise HTTPException(404, f"{info.code} is shaped like an ICD-9-CM code but is not "
+                                     "in CMS ICD-9-CM v32 (neither a billable code nor a "
+                                     "category or subcategory of one)")
         in_vocab = state.generator.has_code(info.code) if state.generator is not None else None
         return CodeDetail(code=info.code, category=info.category, chapter=info.chapter.key,
                           chapter_title=info.chapter.title, billable=info.billable,
@@ -598,11 +762,21 @@ def create_app(settings: Settings | None = None, *, generator=None,
              responses={503: {"description": "Not ready; the body says why"}})
     def ready() -> Any:
         store_ok = store.ping()
+        workers = None
+        if store_ok:
+            try:
+                workers = store.live_workers(time.time(), settings.lease_s)
+            except store.connection_errors:
+                workers = None
         body = {"ready": state.generator is not None and store_ok,
                 "bundle_loaded": state.generator is not None,
                 "bundle_version": getattr(state.generator, "bundle_version", None),
                 "bundle_error": state.load_error, "store": store.kind,
-                "store_reachable": store_ok}
+                "store_reachable": store_ok,
+                # Cohort jobs need a worker; synchronous patients do not, so readiness (the
+                # status code) stays about this process and the cohort side is reported here.
+                "workers_alive": workers, "cohorts_ready": bool(workers),
+                "cohorts_warning": None if workers else worker_warning()}
         metrics.ready.set(1 if body["ready"] else 0)
         return JSONResponse(status_code=200 if body["ready"] else 503, content=body)
 

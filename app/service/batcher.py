@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class _Request:
     seed: int
     must_include: list[str]
     future: asyncio.Future
+    # Set when the request's caller stopped waiting (client gone, timeout): read from the
+    # inference thread between engine batches, so a group nobody waits for stops decoding.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -87,9 +91,15 @@ class MicroBatcher:
         if not self.enabled or not demographics:
             if self.on_batch is not None:
                 self.on_batch(1, len(demographics))
-            return await loop.run_in_executor(self.executor, lambda: self.generator.generate(
-                demographics, strategy=strategy, params=params, seed=seed,
-                must_include=must_include, validity_mask=validity_mask))
+            cancel = threading.Event()
+            try:
+                return await loop.run_in_executor(self.executor, lambda: self.generator.generate(
+                    demographics, strategy=strategy, params=params, seed=seed,
+                    must_include=must_include, validity_mask=validity_mask,
+                    should_stop=cancel.is_set))
+            except asyncio.CancelledError:
+                cancel.set()  # the thread stops at its next engine batch
+                raise
         key = (strategy, json.dumps(params, sort_keys=True, default=str), bool(validity_mask))
         request = _Request(list(demographics), int(seed), list(must_include or []),
                            loop.create_future())
@@ -107,7 +117,11 @@ class MicroBatcher:
             self._enqueue(group)
         elif group.timer is None and not group.queued:
             self._enqueue(group)  # the engine was idle: no one to wait for
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            request.cancel.set()
+            raise
 
     # -- scheduling (event loop only) ----------------------------------------------------------
     def _close(self, group: _Group) -> None:
@@ -162,19 +176,22 @@ class MicroBatcher:
         requests = [(r.demographics, r.seed, r.must_include) for r in group.items]
         if self.on_batch is not None:
             self.on_batch(len(requests), group.n_patients)
+        items = group.items
         try:
-            outcomes: list = gen.generate_batch(requests, strategy=group.strategy,
-                                                params=group.params,
-                                                validity_mask=group.validity_mask)
+            outcomes: list = gen.generate_batch(
+                requests, strategy=group.strategy, params=group.params,
+                validity_mask=group.validity_mask,
+                should_stop=lambda: all(r.cancel.is_set() for r in items))
         except Exception as err:  # noqa: BLE001
             if len(requests) == 1:
                 return [err]
             outcomes = []
-            for demographics, seed, must_include in requests:  # each alone: its own answer
-                try:
+            for item, (demographics, seed, must_include) in zip(items, requests, strict=True):
+                try:  # each alone: its own answer
                     outcomes.append(gen.generate(
                         demographics, strategy=group.strategy, params=group.params, seed=seed,
-                        must_include=must_include or None, validity_mask=group.validity_mask))
+                        must_include=must_include or None, validity_mask=group.validity_mask,
+                        should_stop=item.cancel.is_set))
                 except Exception as one:  # noqa: BLE001
                     outcomes.append(one)
         if log.isEnabledFor(logging.DEBUG):

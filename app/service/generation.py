@@ -14,18 +14,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from app.corpus import Patient
+from app.service.redact import public_value
 
-__all__ = ["BundleGenerator", "EngineGenerator", "GenerationUnavailable", "Generator", "load_generator"]
+__all__ = ["BundleGenerator", "EngineGenerator", "GenerationStopped", "GenerationUnavailable",
+           "Generator", "load_generator"]
 
 log = logging.getLogger("synthehr.generation")
 
 
 class GenerationUnavailable(RuntimeError):
     """No bundle is loaded (missing, refused, or still loading)."""
+
+
+class GenerationStopped(RuntimeError):
+    """The caller asked the generation to stop (its client left, or its time ran out)."""
+
+
+StopCheck = Callable[[], bool]
 
 
 class Generator(Protocol):
@@ -37,7 +48,8 @@ class Generator(Protocol):
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
                  params: dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
-                 validity_mask: bool = True) -> list[Patient]: ...
+                 validity_mask: bool = True, *, first_index: int = 0,
+                 should_stop: StopCheck | None = None) -> list[Patient]: ...
 
     def has_code(self, code: str) -> bool: ...
 
@@ -55,11 +67,19 @@ _PRIVATE_KEYS = {"train_index", "patients", "records", "examples", "data_path", 
 
 
 def _public(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _public(v) for k, v in obj.items() if k not in _PRIVATE_KEYS}
-    if isinstance(obj, list):
-        return [_public(v) for v in obj]
-    return obj
+    """``obj`` without training records, with every filesystem path reduced to its name and
+    non-finite numbers as None."""
+
+    def drop(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop(v) for k, v in value.items() if k not in _PRIVATE_KEYS}
+        if isinstance(value, list):
+            return [drop(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # a metric that came out NaN: JSON cannot carry it
+        return value
+
+    return public_value(drop(obj))
 
 
 class EngineGenerator:
@@ -103,31 +123,39 @@ class EngineGenerator:
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
                  params: dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
-                 validity_mask: bool = True, any_of: list[str] | None = None,
+                 validity_mask: bool = True, *, first_index: int = 0,
+                 should_stop: StopCheck | None = None, any_of: list[str] | None = None,
                  exclude: list[str] | None = None) -> list[Patient]:
-        if not demographics:
+        """One request's patients. Patient ``i`` is decoded as patient ``first_index + i`` of
+        the request ``seed`` (a cohort chunk passes its first patient's number, so its bytes
+        do not depend on where chunks start). ``should_stop`` is asked between engine calls;
+        when it says yes, :class:`GenerationStopped` is raised and no more rows are decoded.
+        ``any_of`` and ``exclude`` target the cohort (:mod:`app.decoding.targeting`)."""
+        rows = [(item, int(seed), first_index + i, list(must_include or []))
+                for i, item in enumerate(demographics)]
+        if not rows:
             return []
-        required: list[Any] | None = list(must_include or []) or None
-        excluded: list[str] | None = None
         if any_of or exclude:
             targeting = self.targeting
-            excluded = targeting.expand(exclude or [], "exclude") or None
+            excluded = targeting.expand(exclude or [], "exclude")
             codes = targeting.expand(any_of or [], "any_of")
             # A required code of the list already satisfies any_of.
-            if codes and not set(codes) & set(required or []):
+            if codes and not set(codes) & set(must_include or []):
                 return targeting.sample_any_of(
-                    self.engine, list(demographics), codes, strategy=strategy, params=params,
-                    seed=int(seed), must_include=required or [], exclude=excluded or [],
-                    validity_mask=validity_mask)
-        result = self.engine.generate(list(demographics), strategy=strategy,
-                                      params=params or {}, seed=int(seed),
-                                      must_include=required, validity_mask=validity_mask,
-                                      **({"exclude": excluded} if excluded else {}))
-        return list(result.patients)
+                    self.engine, [r[0] for r in rows], codes, strategy=strategy,
+                    params=params, seed=int(seed), must_include=list(must_include or []),
+                    exclude=excluded, validity_mask=validity_mask,
+                    row_seeds=[r[1] for r in rows], row_indices=[r[2] for r in rows],
+                    should_stop=should_stop, stopped=GenerationStopped,
+                    step=self._slice_patients(strategy, params))
+            return self._rows(rows, strategy, params, validity_mask, should_stop,
+                              exclude=excluded)
+        return self._rows(rows, strategy, params, validity_mask, should_stop)
 
     def generate_batch(self, requests: list[tuple[list[tuple[float, str]], int, list[str] | None]],
                        strategy: str = "plain", params: dict[str, Any] | None = None,
-                       validity_mask: bool = True) -> list[list[Patient]]:
+                       validity_mask: bool = True, *,
+                       should_stop: StopCheck | None = None) -> list[list[Patient]]:
         """Several requests ``(demographics, seed, must_include)`` of one strategy, params and
         validity flag as one engine call; per request the patients :meth:`generate` gives it.
 
@@ -135,28 +163,46 @@ class EngineGenerator:
         carries its own request's ``must_include``. An error fails the whole call (the caller
         re-runs the requests one by one to tell which one is at fault).
         """
-        demographics: list[tuple[float, str]] = []
-        seeds: list[int] = []
-        indices: list[int] = []
-        required: list[list[str]] = []
-        for demo, seed, must_include in requests:
-            codes = list(must_include or [])
-            for i, item in enumerate(demo):
-                demographics.append(item)
-                seeds.append(int(seed))
-                indices.append(i)
-                required.append(codes)
-        if not demographics:
-            return [[] for _ in requests]
-        result = self.engine.generate(demographics, strategy=strategy, params=params or {},
-                                      seed=seeds[0],
-                                      must_include=required if any(required) else None,
-                                      validity_mask=validity_mask, row_seeds=seeds,
-                                      row_indices=indices)
+        rows = [(item, int(seed), i, list(must_include or []))
+                for demo, seed, must_include in requests for i, item in enumerate(demo)]
+        patients = self._rows(rows, strategy, params, validity_mask, should_stop)
         out, start = [], 0
         for demo, _, _ in requests:
-            out.append(list(result.patients[start:start + len(demo)]))
+            out.append(patients[start:start + len(demo)])
             start += len(demo)
+        return out
+
+    def _slice_patients(self, strategy: str, params: dict[str, Any] | None) -> int:
+        """Patients per engine call: one engine batch of decoded rows. The engine cuts a call
+        into batches of this many patients anyway, so slicing here changes no batch's
+        composition; it only lets a stop request take effect between batches."""
+        batch = int(getattr(self.engine, "batch_size", 64) or 64)
+        if strategy == "rerank":
+            from app.decoding.params import parse_params
+
+            batch //= parse_params(strategy, params).candidates  # type: ignore[attr-defined]
+        return max(1, batch)
+
+    def _rows(self, rows: list[tuple[tuple[float, str], int, int, list[str]]], strategy: str,
+              params: dict[str, Any] | None, validity_mask: bool,
+              should_stop: StopCheck | None, exclude: list[str] | None = None) -> list[Patient]:
+        """Decode ``(demographics, seed, index, must_include)`` rows, an engine batch at a
+        time when ``should_stop`` is given (else in one call); ``exclude``: codes never
+        generated."""
+        step = self._slice_patients(strategy, params) if should_stop is not None else len(rows)
+        out: list[Patient] = []
+        for lo in range(0, len(rows), max(1, step)):
+            if should_stop is not None and should_stop():
+                raise GenerationStopped(f"stopped after {lo} of {len(rows)} patients")
+            part = rows[lo:lo + step]
+            required = [r[3] for r in part]
+            result = self.engine.generate(
+                [r[0] for r in part], strategy=strategy, params=params or {}, seed=part[0][1],
+                must_include=required if any(required) else None,
+                validity_mask=validity_mask, row_seeds=[r[1] for r in part],
+                row_indices=[r[2] for r in part],
+                **({"exclude": exclude} if exclude else {}))
+            out.extend(result.patients)
         return out
 
 

@@ -3,11 +3,21 @@
 A job's id is a hash of its spec (seed included) and the bundle version, so the same request
 against the same model finds the same job, and once done, its cached result.
 
-The cohort is cut into chunks of ``chunk_size`` patients. Everything about chunk ``i`` - the
-demographics drawn for its patients, their ids, the random seed handed to the engine - is a
-pure function of (spec, job id, i). A chunk re-run after a worker died therefore produces the
-same bytes and overwrites the earlier copy in the store: processing is at-least-once, the result
-is exactly-once (exactly ``size`` patients, no duplicates, nothing lost).
+The cohort is cut into chunks of ``chunk_size`` patients. Everything about patient ``k`` - its
+demographics, its id, the randomness the engine decodes it with - is a pure function of
+(spec, job id, k): demographics are drawn in fixed blocks of :data:`PLAN_BLOCK` patients, and
+the engine decodes patient ``k`` as row ``k - 1`` of a request with the spec's seed. So the
+result does not depend on the deployment's ``chunk_size`` or ``generation_batch`` (neither is
+in the job id), and a chunk re-run after a worker died produces the same bytes and overwrites
+the earlier copy in the store: processing is at-least-once, the result is exactly-once (exactly
+``size`` patients, no duplicates, nothing lost). One exception: with ``any_of``, the early stop
+of the re-draw tries is decided over one engine call's patients
+(:meth:`app.decoding.targeting.Targeting.sample_any_of`), so such a result also depends on the
+job's ``chunk_size`` and ``batch``, both fixed in its record at submission (a re-run chunk still
+gives the same bytes).
+
+The spec in the id includes its ``model`` (the bundle's name when several are loaded),
+``any_of`` and ``exclude``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,6 @@ from app.service.store import JobStore
 __all__ = [
     "JobAbandoned",
     "chunk_plan",
-    "chunk_seed",
     "generate_chunk",
     "iter_result",
     "job_id_for",
@@ -51,16 +60,18 @@ def canonical_spec(spec: CohortSpec) -> dict:
     return spec.model_dump(mode="json")
 
 
+# Demographics are drawn PLAN_BLOCK patients at a time (a constant, not a setting: it shapes
+# the result). PLAN_VERSION is in the job id, so results of an earlier plan are never mixed in.
+PLAN_BLOCK = 1000
+PLAN_VERSION = 2
+
+
 def job_id_for(spec: CohortSpec, bundle_version: str) -> str:
-    """Hash of (spec, seed, bundle version): identical requests share one job and result."""
-    text = json.dumps({"spec": canonical_spec(spec), "bundle": bundle_version},
-                      sort_keys=True, separators=(",", ":"))
+    """Hash of (spec, seed, bundle version, plan): identical requests share one job and
+    result."""
+    text = json.dumps({"spec": canonical_spec(spec), "bundle": bundle_version,
+                       "plan": PLAN_VERSION}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def chunk_bounds(size: int, chunk_size: int, index: int) -> tuple[int, int]:
@@ -69,10 +80,20 @@ def chunk_bounds(size: int, chunk_size: int, index: int) -> tuple[int, int]:
 
 
 def chunk_plan(spec: CohortSpec, index: int, chunk_size: int) -> list[tuple[float, str]]:
-    """Demographics ``(age, sex)`` of chunk ``index``'s patients (deterministic)."""
+    """Demographics ``(age, sex)`` of chunk ``index``'s patients (deterministic, and the same
+    for a patient whatever ``chunk_size`` is)."""
     start, stop = chunk_bounds(spec.size, chunk_size, index)
-    n = stop - start
-    rng = np.random.default_rng([spec.seed, index, 0x5EED])
+    out: list[tuple[float, str]] = []
+    for block in range(start // PLAN_BLOCK, (stop - 1) // PLAN_BLOCK + 1 if stop > start else 0):
+        first = block * PLAN_BLOCK
+        rows = _block_plan(spec, block, min(PLAN_BLOCK, spec.size - first))
+        out.extend(rows[max(start, first) - first:min(stop, first + PLAN_BLOCK) - first])
+    return out
+
+
+def _block_plan(spec: CohortSpec, block: int, n: int) -> list[tuple[float, str]]:
+    """Demographics of the ``n`` patients of plan block ``block``."""
+    rng = np.random.default_rng([spec.seed, block, 0x5EED])
     age = spec.age
     if isinstance(age, AgeBins):
         weights = np.array([b.weight for b in age.bins], dtype=float)
@@ -126,7 +147,8 @@ def _f(value: str | None) -> float | None:
 
 
 def status_of(record: dict[str, str], cached: bool = False,
-              result_urls: dict[str, str] | None = None) -> CohortStatus:
+              result_urls: dict[str, str] | None = None,
+              warning: str | None = None) -> CohortStatus:
     started, finished = _f(record.get("started_at")), _f(record.get("finished_at"))
     elapsed = None
     if started is not None:
@@ -138,7 +160,8 @@ def status_of(record: dict[str, str], cached: bool = False,
         created_at=_f(record.get("created_at")), started_at=started, finished_at=finished,
         elapsed_s=elapsed, attempts=int(record.get("attempts") or 0),
         error=record.get("error") or None, cached=cached,
-        result=result_urls if record["status"] == "done" else None)
+        result=result_urls if record["status"] == "done" else None,
+        warning=warning if record["status"] in ("queued", "running") else None)
 
 
 # -- running a job ----------------------------------------------------------------------------
@@ -197,10 +220,11 @@ def generate_chunk(generator, spec: CohortSpec, job_id: str, index: int, chunk_s
     for offset in range(0, len(demographics), batch):
         part = demographics[offset:offset + batch]
         targets = {k: v for k, v in (("any_of", spec.any_of), ("exclude", spec.exclude)) if v}
+        # Patient k is row k - 1 of the spec's seed: its bytes ignore the chunking.
         patients = generator.generate(
-            part, strategy=spec.strategy, params=spec.params,
-            seed=chunk_seed(spec.seed, index * 100_003 + offset),
-            must_include=spec.must_include, validity_mask=spec.validity_mask, **targets)
+            part, strategy=spec.strategy, params=spec.params, seed=spec.seed,
+            must_include=spec.must_include, validity_mask=spec.validity_mask,
+            first_index=start + offset, **targets)
         for k, p in enumerate(patients):
             number = start + offset + k + 1
             rows.append({"id": patient_id(job_id, number), "n": number,

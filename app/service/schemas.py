@@ -46,7 +46,9 @@ MAX_TARGETS = 256  # any_of / exclude entries (each may be a whole category)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities (JSON's NaN, Infinity, or 1e400 read as infinity) are refused with a
+    # 422 naming the field: no range check could hold them, and JSON cannot echo them back.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def canonical_codes(values: list[str]) -> list[str]:
@@ -291,6 +293,9 @@ class CohortStatus(BaseModel):
     cached: bool = Field(False, description="True when an earlier identical request's job "
                          "(or cached result) answered this one.")
     result: dict[str, str] | None = Field(None, description="Result URLs by format, once done.")
+    warning: str | None = Field(None, description="Set while the job is unfinished and no "
+                                "worker has been seen for `lease_s` seconds (15 by default): "
+                                "it waits until a worker starts.")
 
 
 class CodeDetail(BaseModel):

@@ -14,11 +14,18 @@ Semantics both honour:
   died leaves exactly one copy (at-least-once processing, exactly-once results);
 * ``claim`` moves a job from the queue to the processing set and stamps the worker's heartbeat;
   ``reap`` puts back on the queue every processing job whose heartbeat is older than the lease;
-* a finished job's keys expire after the cache TTL; a cancelled or failed job can be resubmitted.
+* a finished job's keys expire after the cache TTL; a cancelled or failed job can be resubmitted;
+* ``submit`` may carry a client and a limit: a client with that many unfinished (queued or
+  running) jobs gets :class:`TooManyJobs` instead of a new one (checked atomically);
+* workers announce themselves (``worker_seen``, every poll and heartbeat); ``live_workers``
+  counts those seen within a window, so the API can say when nobody will run a queued job;
+* ``retain`` keeps a done job's record and every chunk for at least a grace period, or says
+  that a chunk is already gone: a download checks it before its first byte.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -31,6 +38,7 @@ __all__ = [
     "JobStore",
     "RedisStore",
     "StoreUnavailable",
+    "TooManyJobs",
     "make_store",
 ]
 
@@ -42,13 +50,23 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached."""
 
 
+class TooManyJobs(RuntimeError):
+    """The client already has as many unfinished jobs as it may."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} unfinished cohort jobs")
+        self.active = active
+
+
 class JobStore(Protocol):
     kind: str
 
     def ping(self) -> bool: ...
-    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+    def submit(self, job_id: str, record: dict[str, str], client: str | None = None,
+               max_active: int = 0) -> tuple[dict[str, str], bool]:
         """Create and enqueue ``job_id`` unless a live (or done) one exists; return the record
-        and whether it was created."""
+        and whether it was created. With ``client`` and ``max_active`` > 0, raise
+        :class:`TooManyJobs` when creating it would give the client more unfinished jobs."""
     def get(self, job_id: str) -> dict[str, str] | None: ...
     def claim(self, worker: str, now: float) -> str | None: ...
     def heartbeat(self, job_id: str, worker: str, now: float) -> bool: ...
@@ -62,22 +80,50 @@ class JobStore(Protocol):
     def cancel(self, job_id: str, now: float, ttl: int) -> bool: ...
     def reap(self, now: float, lease_s: float) -> list[str]: ...
     def queue_length(self) -> int: ...
+    def worker_seen(self, worker: str, now: float) -> None: ...
+    def live_workers(self, now: float, within_s: float) -> int: ...
+    def retain(self, job_id: str, n_chunks: int, ttl: int) -> bool:
+        """True when every chunk of ``job_id`` is stored; then it and its record stay at least
+        ``ttl`` seconds more."""
     def close(self) -> None: ...
 
 
 # -- Redis ------------------------------------------------------------------------------------
 
+# KEYS: job, chunks, queue, client's jobs. ARGV: id, max_active, prefix, then field/value pairs.
 _SUBMIT = """
 local job = KEYS[1]
 local status = redis.call('HGET', job, 'status')
 if status and status ~= 'failed' and status ~= 'cancelled' then
   return {0, redis.call('HGETALL', job)}
 end
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local live = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local s = redis.call('HGET', ARGV[3] .. ':job:' .. id, 'status')
+    if s == 'queued' or s == 'running' then live = live + 1
+    else redis.call('SREM', KEYS[4], id) end
+  end
+  if live >= limit then return {2, live} end
+  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('EXPIRE', KEYS[4], 604800)
+end
 redis.call('DEL', job, KEYS[2])
-for i = 1, #ARGV - 1, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV - 1, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 redis.call('PERSIST', job)
-redis.call('LPUSH', KEYS[3], ARGV[#ARGV])
+redis.call('LPUSH', KEYS[3], ARGV[1])
 return {1, redis.call('HGETALL', job)}
+"""
+# KEYS: job, chunks. ARGV: n_chunks, ttl.
+_RETAIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HLEN', KEYS[2]) < tonumber(ARGV[1]) then return 0 end
+for _, key in ipairs(KEYS) do
+  local left = redis.call('TTL', key)
+  if left >= 0 and left < tonumber(ARGV[2]) then redis.call('EXPIRE', key, ARGV[2]) end
+end
+return 1
 """
 # ARGV: worker, now, prefix. KEYS: queue, processing.
 _CLAIM = """
@@ -186,12 +232,14 @@ class RedisStore:
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self.queue_key = f"{prefix}:queue"
         self.processing_key = f"{prefix}:processing"
+        self.workers_key = f"{prefix}:workers"
         self._submit = self.client.register_script(_SUBMIT)
         self._claim = self.client.register_script(_CLAIM)
         self._heartbeat = self.client.register_script(_HEARTBEAT)
         self._put_chunk = self.client.register_script(_PUT_CHUNK)
         self._end = self.client.register_script(_END)
         self._reap = self.client.register_script(_REAP)
+        self._retain = self.client.register_script(_RETAIN)
 
     @property
     def connection_errors(self) -> tuple[type[Exception], ...]:
@@ -209,14 +257,32 @@ class RedisStore:
         except Exception:  # noqa: BLE001 - any failure means "not reachable"
             return False
 
-    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
-        args: list[str] = []
+    def submit(self, job_id: str, record: dict[str, str], client: str | None = None,
+               max_active: int = 0) -> tuple[dict[str, str], bool]:
+        args: list[str] = [job_id, str(max_active if client else 0), self.prefix]
         for key, value in record.items():
             args += [key, str(value)]
-        args.append(job_id)
         created, flat = self._submit(
-            keys=[self._job(job_id), self._chunks(job_id), self.queue_key], args=args)
+            keys=[self._job(job_id), self._chunks(job_id), self.queue_key,
+                  self._client(client or "")], args=args)
+        if created == 2:
+            raise TooManyJobs(int(flat))
         return _pairs(flat), bool(created)
+
+    def _client(self, client: str) -> str:
+        return f"{self.prefix}:client:{hashlib.sha256(client.encode()).hexdigest()[:24]}"
+
+    def worker_seen(self, worker: str, now: float) -> None:
+        self.client.zadd(self.workers_key, {worker: now})
+
+    def live_workers(self, now: float, within_s: float) -> int:
+        # Entries long dead are dropped here, so the set stays the size of the fleet.
+        self.client.zremrangebyscore(self.workers_key, "-inf", now - max(3600.0, within_s))
+        return int(self.client.zcount(self.workers_key, now - within_s, "+inf"))
+
+    def retain(self, job_id: str, n_chunks: int, ttl: int) -> bool:
+        return bool(self._retain(keys=[self._job(job_id), self._chunks(job_id)],
+                                 args=[n_chunks, ttl]))
 
     def get(self, job_id: str) -> dict[str, str] | None:
         data = self.client.hgetall(self._job(job_id))
@@ -280,6 +346,8 @@ class EmbeddedStore:
         self._expiry: dict[str, float] = {}
         self._queue: deque[str] = deque()
         self._processing: list[str] = []
+        self._clients: dict[str, set[str]] = {}
+        self._workers: dict[str, float] = {}
 
     def _expire(self) -> None:
         now = time.time()
@@ -291,12 +359,20 @@ class EmbeddedStore:
     def ping(self) -> bool:
         return True
 
-    def submit(self, job_id: str, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+    def submit(self, job_id: str, record: dict[str, str], client: str | None = None,
+               max_active: int = 0) -> tuple[dict[str, str], bool]:
         with self._lock:
             self._expire()
             job = self._jobs.get(job_id)
             if job is not None and job["status"] not in RESUBMITTABLE:
                 return dict(job), False
+            if client and max_active > 0:
+                mine = self._clients.setdefault(client, set())
+                mine &= {j for j in mine
+                         if self._jobs.get(j, {}).get("status") in ("queued", "running")}
+                if len(mine) >= max_active:
+                    raise TooManyJobs(len(mine))
+                mine.add(job_id)
             self._jobs[job_id] = {k: str(v) for k, v in record.items()}
             self._chunks[job_id] = {}
             self._expiry.pop(job_id, None)
@@ -397,6 +473,23 @@ class EmbeddedStore:
     def queue_length(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def worker_seen(self, worker: str, now: float) -> None:
+        with self._lock:
+            self._workers[worker] = now
+
+    def live_workers(self, now: float, within_s: float) -> int:
+        with self._lock:
+            return sum(now - seen <= within_s for seen in self._workers.values())
+
+    def retain(self, job_id: str, n_chunks: int, ttl: int) -> bool:
+        with self._lock:
+            self._expire()
+            if job_id not in self._jobs or len(self._chunks.get(job_id, {})) < n_chunks:
+                return False
+            if job_id in self._expiry:
+                self._expiry[job_id] = max(self._expiry[job_id], time.time() + ttl)
+            return True
 
     def close(self) -> None:
         pass

@@ -1,7 +1,8 @@
 """The cohort worker: claims jobs from the store, generates them chunk by chunk, reports progress.
 
 Run as its own process (``synthehr worker``, any number of them against one Redis), or as a
-thread inside the API when there is no Redis (the embedded store). Every idle poll also reaps:
+thread inside the API when there is no Redis (the embedded store). While it runs, it records
+its presence in the store every third of ``lease_s``. Every idle poll also reaps:
 a job whose worker's heartbeat is older than the lease (the worker died or hangs) goes back on
 the queue, and the next worker resumes it from the chunks already stored.
 """
@@ -16,6 +17,7 @@ import time
 import uuid
 
 from app.service.jobs import JobAbandoned, run_job
+from app.service.redact import redact_text
 from app.service.store import JobStore
 from app.settings import Settings
 
@@ -63,13 +65,38 @@ class Worker:
             raise
         except Exception as err:
             log.exception("job failed", extra={"job": job_id})
-            self.store.fail(job_id, f"{type(err).__name__}: {err}", time.time(),
+            self.store.fail(job_id, redact_text(f"{type(err).__name__}: {err}"), time.time(),
                             self.settings.cache_ttl_s)
         return True
+
+    def _announce(self, stop: threading.Event) -> None:
+        """Tell the store this worker is alive every third of a lease, busy or idle, so the
+        API can report queued cohorts that no live worker will pick up."""
+        every = max(0.1, self.settings.lease_s / 3)
+        while True:
+            try:
+                self.store.worker_seen(self.name, time.time())
+            except Exception as err:  # noqa: BLE001 - an outage: the main loop reports it
+                log.debug("presence not recorded", extra={"worker": self.name,
+                                                          "error": str(err)})
+            if stop.wait(every):
+                return
 
     def run(self, stop: threading.Event, max_jobs: int | None = None) -> None:
         """Work until ``stop`` is set (or ``max_jobs`` were run); survives store outages."""
         log.info("worker started", extra={"worker": self.name, "store": self.store.kind})
+        done = threading.Event()
+        presence = threading.Thread(target=self._announce, args=(done,), daemon=True,
+                                    name=f"presence-{self.name}")
+        presence.start()
+        try:
+            self._loop(stop, max_jobs)
+        finally:
+            done.set()
+            presence.join(timeout=5)
+        log.info("worker stopped", extra={"worker": self.name})
+
+    def _loop(self, stop: threading.Event, max_jobs: int | None) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -84,7 +111,6 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
             if max_jobs is not None and self.jobs_done >= max_jobs:
                 break
-        log.info("worker stopped", extra={"worker": self.name})
 
 
 def start_thread(worker: Worker, stop: threading.Event) -> threading.Thread:

@@ -1,0 +1,152 @@
+"""The time-budgeted schedule, the corpus recipe, the stop calibration and the fast loss head."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from app.corpus import Patient
+from app.decoding import Engine, RandomStepModel
+from app.decoding.calibration import StopCalibration, hazards
+from app.metrics import ks_visits_per_patient
+from app.vocab import Vocabulary
+from training.calibrate import fit_stop_calibration
+from training.schedule import GROW_UNTIL, BudgetSchedule, plan_epochs, warmup_for
+from training.sizing import corpus_profile, patient_length, recipe_for
+
+CODES = ["4019", "25000", "4280", "42731", "5849", "2724", "41401", "2859", "486", "5990"]
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def test_plan_epochs_fits_the_budget():
+    # 600 s budget, 100 s spent, 60 s per epoch, 50 s reserved: 450 s left = 7.5 more epochs
+    assert plan_epochs(max_epochs=30, epochs_done=1, budget_s=600, elapsed_s=100, epoch_s=60,
+                       reserve_s=50) == 8
+    assert plan_epochs(max_epochs=5, epochs_done=1, budget_s=600, elapsed_s=100, epoch_s=60) == 5
+    assert plan_epochs(max_epochs=30, epochs_done=0, budget_s=0, elapsed_s=0, epoch_s=60) == 30
+    # over budget already: at least one epoch
+    assert plan_epochs(max_epochs=30, epochs_done=0, budget_s=10, elapsed_s=20, epoch_s=60) == 1
+
+
+def test_schedule_ends_annealed_and_never_grows_late():
+    s = BudgetSchedule(warmup=10, total_steps=100, min_ratio=0.05)
+    assert s(0) == pytest.approx(0.1)
+    assert s(10) == pytest.approx(1.0)
+    assert s(100) == pytest.approx(0.05)
+    assert s(500) == pytest.approx(0.05)
+    assert s.replan(60, step=20)  # shrink: allowed
+    assert s(60) == pytest.approx(0.05)
+    late = int(10 + GROW_UNTIL * 50) + 1
+    assert not s.replan(200, step=late)  # grow after GROW_UNTIL: refused
+    assert s.total_steps == 60
+    early = BudgetSchedule(warmup=10, total_steps=100)
+    assert early.replan(300, step=12) and early.total_steps == 300
+    assert s.replan(5, step=40) and s.total_steps == 41  # never before the next step
+
+
+def test_warmup_fits_a_small_corpus():
+    # 3 steps per epoch (the claims corpus of issue 16): warmup ends inside the first epoch
+    assert warmup_for(200, steps_per_epoch=3, total_steps=90) == 2
+    assert warmup_for(200, steps_per_epoch=1000, total_steps=30_000) == 200
+    assert warmup_for(200, steps_per_epoch=100, total_steps=1000) == 50
+
+
+# -- recipe -----------------------------------------------------------------------------------
+def _patients(n: int, visits: int, codes: int) -> list[Patient]:
+    return [Patient(str(i), 50.0, "F", tuple(tuple(CODES[:codes]) for _ in range(visits)))
+            for i in range(n)]
+
+
+def test_recipe_follows_the_corpus():
+    small = corpus_profile(_patients(100, 1, 3))
+    assert small.tokens == 100 * patient_length(_patients(1, 1, 3)[0]) == 100 * 7
+    size, over, reasons = recipe_for(small)
+    assert size == "tiny" and over["model.max_positions"] == 32
+    assert over["train.batch_size"] == 16  # at least 8 batches of 100 patients
+    assert set(reasons) >= {"size", "model.max_positions", "train.batch_size"}
+    big = corpus_profile(_patients(40_000, 3, 10))  # 38 tokens each, 1.5M tokens
+    size, over, _ = recipe_for(big)
+    assert size == "small" and over["model.max_positions"] == 64
+    assert over["train.batch_size"] == 64
+
+
+# -- stop calibration -------------------------------------------------------------------------
+def test_hazards_from_a_histogram():
+    h, at_risk = hazards({1: 6, 2: 3, 3: 1}, 4)
+    assert at_risk.tolist() == [10, 10, 4, 1]
+    assert h[1] == pytest.approx(0.6) and h[2] == pytest.approx(0.75) and h[3] == 1.0
+
+
+def test_calibration_offsets_apply_where_they_belong():
+    cal = StopCalibration(np.array([0, 1.0, 2.0]), np.array([0, 0, -1.0]))
+    scores = np.zeros((4, 8), dtype=np.float32)
+    out = cal.apply(scores, after_visit=np.array([True, True, False, False]),
+                    n_visits=np.array([1, 5, 0, 0]), in_visit=np.array([False, False, True, True]),
+                    n_codes=np.array([0, 0, 2, 0]), eos_id=2, end_visit_id=4)
+    assert out[0, 2] == 1.0 and out[1, 2] == 2.0  # past the end: the last offset
+    assert out[2, 4] == -1.0 and out[3, 4] == 0.0  # no </v> offset before the first code
+    assert scores.sum() == 0  # a copy
+    again = StopCalibration.from_dict(cal.to_dict())
+    assert np.array_equal(again.end_patient, cal.end_patient)
+    with pytest.raises(ValueError):
+        StopCalibration(np.array([np.nan]))
+
+
+def test_fit_matches_the_training_visit_histogram():
+    rng = np.random.default_rng(0)
+    # training patients with many repeat visits (mean about 2.5)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[j % 10],) for j in range(int(rng.integers(1, 5)))))
+             for i in range(2000)]
+    vocab = Vocabulary.from_patients(train)
+    engine = Engine(RandomStepModel(len(vocab), seed=3), vocab, max_visits=4,
+                    max_codes_per_visit=3, max_length=32, batch_size=256)
+    demographics = [(p.age, p.sex) for p in train[:1500]]
+    before = ks_visits_per_patient(train, engine.generate(demographics, seed=9).patients)
+    cal = fit_stop_calibration(engine, demographics, train, iterations=3, seed=1)
+    after = ks_visits_per_patient(train, engine.generate(demographics, seed=9).patients)
+    assert before > 0.1
+    assert after < 0.04 < before
+    assert not cal.empty and engine.calibration is not None
+    assert cal.info["iterations"][0]["ks_visits_per_patient_vs_train"] == pytest.approx(
+        before, abs=0.05)
+
+
+# -- fast loss head ---------------------------------------------------------------------------
+def test_target_log_probs_equal_the_full_distribution():
+    torch = pytest.importorskip("torch")
+    from training.config import model_config_for
+    from training.model import HierBart
+
+    patients = [Patient("a", 40.0, "F", (("4019", "4011", "25000", "25001", "V5861"),)),
+                Patient("b", 60.0, "M", (("E8497", "2724", "4280", "42731"),))]
+    vocab = Vocabulary.from_patients(patients)
+    torch.manual_seed(0)
+    model = HierBart(model_config_for("tiny"), vocab)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    h = torch.randn(64, model.config.d_model)
+    target = torch.randint(2, len(vocab), (64,))
+    target[target == 5] = 2  # <mask> is never a target
+    full = model.output_log_probs(h).gather(1, target[:, None]).squeeze(1)
+    fast = model.target_log_probs(h, target)
+    assert torch.allclose(full, fast, atol=1e-4)
+    assert math.isfinite(float(fast.detach().sum()))
+
+
+def test_code_orders():
+    from training.dataset import code_rank, encode_patients
+
+    patients = [Patient("a", 40.0, "F", (("4019", "25000"), ("25000",))),
+                Patient("b", 60.0, "M", (("4280", "25000", "4019"),))]
+    vocab = Vocabulary.from_patients(patients)
+    assert code_rank(vocab, "shuffle") is None
+    by_freq = encode_patients(patients, vocab, 64, code_rank(vocab, "frequency"))
+    assert [vocab.tokens[t] for t in by_freq[1].visits[0]] == ["25000", "4019", "4280"]
+    by_tree = encode_patients(patients, vocab, 64, code_rank(vocab, "hierarchy"))
+    assert [vocab.tokens[t] for t in by_tree[1].visits[0]] == ["25000", "4019", "4280"]
+    assert [vocab.tokens[t] for t in by_tree[0].visits[0]] == ["25000", "4019"]
+    with pytest.raises(ValueError, match="code_order"):
+        code_rank(vocab, "alphabetical")
