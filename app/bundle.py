@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from app.cooccurrence import load_cooccurrence
 from app.corpus import Patient
+from app.dating import interval_stats
 from app.vocab import Vocabulary
 
 __all__ = [
@@ -188,7 +189,9 @@ def _histogram(values: Iterable[int]) -> dict[str, int]:
 def reference_stats(patients: list[Patient], vocab: Vocabulary) -> dict[str, Any]:
     """Statistics of a split: code frequencies (visits containing each vocabulary code, in
     vocabulary order, plus per-category), codes-per-visit and visits-per-patient histograms,
-    age (by year, capped at 90) and sex distributions.
+    age (by year, capped at 90) and sex distributions, and the quantiles of lengths of stay and
+    inter-visit gaps (``visit_intervals``, :func:`app.dating.interval_stats`; a documented
+    default where the source has no visit times).
 
     Only vocabulary codes count (codes removed by small-cell suppression appear nowhere);
     visits left empty by that are not counted."""
@@ -213,4 +216,5 @@ def reference_stats(patients: list[Patient], vocab: Vocabulary) -> dict[str, Any
         "age_mean": float(ages.mean()) if ages.size else 0.0,
         "age_std": float(ages.std()) if ages.size else 0.0,
         "sex": {s: sum(1 for p in patients if p.sex == s) for s in ("F", "M")},
+        "visit_intervals": interval_stats(patients),
     }

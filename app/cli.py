@@ -619,11 +619,107 @@ def serve_command(
     """Serve the REST API (uvicorn) with /docs, /redoc, /health, /ready and /metrics."""
     import uvicorn
 
+    from app.athena import AthenaError
     from app.service.api import create_app
 
     settings = _service_settings(bundle, redis_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+    try:
+        api = create_app(settings)
+    except AthenaError as err:  # SYNTHEHR_ATHENA_VOCABULARY names a folder that cannot be used
+        raise fail(str(err)) from None
+    uvicorn.run(api, host=host, port=port, log_config=None,
                 log_level=settings.log_level.lower(), access_log=False)
+
+
+@app.command("generate")
+def generate_command(
+    out: Annotated[Path, typer.Option("--out", help="File to write.")],
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: SYNTHEHR_BUNDLE "
+                                                     "or models/demo).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json, ndjson, csv, mimic3, omop, fhir "
+                                                      "or parquet.")] = "csv",
+    spec: Annotated[Path | None, typer.Option(
+        help="A JSON file with the POST /v1/cohorts body; the options below are ignored.")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Patients.")] = 100,
+    age: Annotated[str, typer.Option(help="A fixed age (67) or a range (40-80).")] = "0-90",
+    female_fraction: Annotated[float, typer.Option(help="Share of female patients.")] = 0.5,
+    strategy: Annotated[str, typer.Option(help="Decoding strategy.")] = "plain",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    must_include: Annotated[str | None, typer.Option(help="Comma-separated codes every "
+                                                          "patient carries.")] = None,
+    any_of: Annotated[str | None, typer.Option(help="Comma-separated codes or categories; "
+                                                    "each patient carries one at least.")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Comma-separated codes or categories "
+                                                     "never generated.")] = None,
+) -> None:
+    """Write a cohort to a file in any result format, without the service (no Redis)."""
+    import json
+
+    from app.athena import AthenaError, load_athena
+    from app.service.cohort_file import write_cohort
+    from app.service.exports import FORMATS
+    from app.service.generation import load_generator
+    from app.service.jobs import possible_demographics
+
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    settings = _service_settings(bundle, None)
+    try:
+        if spec is not None:
+            body = json.loads(spec.read_text())
+        else:
+            low, _, high = age.partition("-")
+
+            def items(text: str | None) -> list[str]:
+                return [c.strip() for c in (text or "").split(",") if c.strip()]
+
+            body = {"size": size, "female_fraction": female_fraction, "strategy": strategy,
+                    "seed": seed, "must_include": items(must_include), "any_of": items(any_of),
+                    "exclude": items(exclude),
+                    "age": {"min": float(low), "max": float(high)} if high else float(low)}
+        cohort = _cohort_spec(body, settings)
+    except (OSError, ValueError) as err:
+        where = f"--spec {spec}" if spec is not None else "options"
+        raise fail(f"{where}: {err}") from None
+    try:
+        concepts = (load_athena(settings.athena_vocabulary)
+                    if settings.athena_vocabulary is not None else None)
+        generator = load_generator(settings.bundle, settings.ort_threads)
+    except AthenaError as err:
+        raise fail(str(err)) from None
+    except (ValueError, OSError, RuntimeError) as err:
+        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+    unknown = [c for c in cohort.must_include if not generator.has_code(c)]
+    if unknown:
+        raise fail(f"must_include: code {unknown[0]} is not in the model's vocabulary")
+    try:  # the service's submission check: an infeasible spec fails before any decoding
+        ages, sexes = possible_demographics(cohort)
+        generator.check_target(ages, sexes, cohort.must_include, cohort.any_of, cohort.exclude,
+                               cohort.validity_mask)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    result = write_cohort(generator, cohort, fmt, out, chunk_size=settings.chunk_size,
+                          batch=settings.generation_batch, concepts=concepts)
+    console.print(f"wrote {result.patients:,} patients ({fmt}, {result.bytes:,} bytes) to "
+                  f"{result.path}", highlight=False)
+
+
+def _cohort_spec(body: dict, settings):
+    """A validated cohort spec; ``ValueError`` naming the field and reason."""
+    from pydantic import ValidationError
+
+    from app.service.schemas import CohortSpec
+
+    try:
+        cohort = CohortSpec.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise ValueError(f"{field}: {first['msg']}") from None
+    if cohort.size > settings.max_cohort_size:
+        raise ValueError(f"size: at most {settings.max_cohort_size} patients, got {cohort.size}")
+    return cohort
 
 
 @app.command("worker")
@@ -637,7 +733,7 @@ def worker_command(
     import signal
     import threading
 
-    from app.service.generation import load_generator
+    from app.service.models import load_configured
     from app.service.store import RedisStore
     from app.service.worker import Worker
 
@@ -646,9 +742,9 @@ def worker_command(
         raise fail("the worker needs a Redis job store: set REDIS_URL (without one, "
                    "`synthehr serve` runs its own in-process worker)")
     try:
-        generator = load_generator(settings.bundle, settings.ort_threads)
+        generator = load_configured(settings)  # every bundle of SYNTHEHR_BUNDLES, or the one
     except (ValueError, OSError, RuntimeError) as err:
-        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+        raise fail(f"cannot load bundle {settings.bundles or settings.bundle}: {err}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -20,6 +20,9 @@ Request semantics:
   before any decoding.
 * ``validity_mask`` (default on): forbid codes inconsistent with the patient's age and sex under
   the CMS MCE v32 edits; off measures the model alone.
+* ``exclude``: codes never generated (masked out of every row, like the validity mask); a code
+  both required and excluded, or an exclusion that leaves a patient no code, raises
+  :class:`ImpossibleConstraintError`.
 * ``seed``: randomness is a function of (seed, patient index, stream, step) only, so the same
   engine, request and seed give byte-identical output (:meth:`GenerationResult.to_json`)
   whatever the batch size, for any model whose rows do not interact (ONNX Runtime kernels may
@@ -296,7 +299,8 @@ class Engine:
                  must_include: Any = None, validity_mask: bool = True,
                  batch_size: int | None = None, id_prefix: str = "synthetic",
                  row_seeds: Sequence[int] | None = None,
-                 row_indices: Sequence[int] | None = None) -> GenerationResult:
+                 row_indices: Sequence[int] | None = None,
+                 exclude: Sequence[str] | None = None) -> GenerationResult:
         """Generate one patient per entry of ``demographics`` (see the module docstring)."""
         started = time.perf_counter()
         self.model_seconds = 0.0
@@ -315,6 +319,7 @@ class Engine:
         required = self._required(must_include, ages, sexes, validity_mask, grammar)
         if validity_mask:
             self._check_some_code_valid(ages, sex_ids)
+        banned = self._banned(exclude, required, ages, sex_ids, validity_mask)
         n = len(sexes)
         seeds, index = self._row_keys_of(n, seed, row_seeds, row_indices)
         attempts = None
@@ -323,13 +328,14 @@ class Engine:
                 raise InvalidParametersError(
                     "rerank: coherence_weight > 0 needs the bundle's co-occurrence matrix")
             tokens, loglik = self._rerank(index, ages, sex_ids, required, seeds, parsed,
-                                          grammar, validity_mask, batch)
+                                          grammar, validity_mask, batch, banned=banned)
         elif isinstance(parsed, RetrieveEditParams):
             if self.retrieval is None:
                 raise InvalidParametersError(
                     "retrieve_edit: this bundle has no retrieval index of training patients")
             tokens, loglik, attempts = self._retrieve_edit(
-                index, ages, sex_ids, required, seeds, parsed, grammar, validity_mask, batch)
+                index, ages, sex_ids, required, seeds, parsed, grammar, validity_mask, batch,
+                banned=banned)
         else:
             if isinstance(parsed, CooccurrenceParams) and parsed.alpha > 0 \
                     and self.cooccurrence is None:
@@ -338,7 +344,7 @@ class Engine:
             prompts = [empty_prompt(self.vocab)] * n
             keys = row_keys(_key_seeds(seeds), index, 0)
             chunk = self._decode(prompts, ages, sex_ids, keys, required, parsed, grammar,
-                                 validity_mask, batch)
+                                 validity_mask, batch, banned=banned)
             tokens, loglik = chunk.tokens, chunk.loglik
         token_lists = [self._trim(row) for row in tokens]
         patients = [Patient(f"{id_prefix}-{seeds[i]}-{index[i]}", float(ages[i]), sexes[i],
@@ -419,9 +425,38 @@ class Engine:
         return visits
 
     # -- the decoding loop --------------------------------------------------------------------
+    def _banned(self, exclude: Sequence[str] | None, required: list[list[int]],
+                ages: np.ndarray, sex_ids: np.ndarray, validity_mask: bool) -> np.ndarray | None:
+        """Token ids of the excluded codes (None: nothing excluded), after checking that no
+        required code is excluded and that every patient keeps at least one code."""
+        if not exclude:
+            return None
+        try:
+            banned = np.unique([self._code_token(c) for c in exclude]).astype(np.int64)
+        except UnknownCodeError as err:
+            raise UnknownCodeError(str(err).replace("must_include:", "exclude:", 1)) from None
+        from app.decoding.targeting import TargetError  # (an ImpossibleConstraintError)
+
+        for i, ids in enumerate(required):
+            clash = set(ids) & set(banned.tolist())
+            if clash:
+                code = self.vocab.tokens[min(clash)]
+                raise TargetError("exclude", f"code {code} is both required and excluded for "
+                                  f"patient {i}")
+        ok = (self.validity.mask(ages, sex_ids) if validity_mask
+              else np.ones((ages.size, len(self.vocab)), dtype=bool))
+        ok[:, :N_SPECIAL] = False
+        ok[:, banned] = False
+        empty = np.flatnonzero(~ok.any(axis=1))
+        if empty.size:
+            raise TargetError("exclude", f"no code is left for patient {int(empty[0])} (age "
+                              f"{ages[empty[0]]:g}) once the excluded codes are removed")
+        return banned
+
     def _decode(self, prompts: Sequence[Sequence[int]], ages: np.ndarray, sex_ids: np.ndarray,
                 keys: np.ndarray, required: Sequence[Sequence[int]], params: PlainParams,
-                grammar: Grammar, validity_mask: bool, batch: int, repeat: int = 1) -> _Chunk:
+                grammar: Grammar, validity_mask: bool, batch: int, repeat: int = 1,
+                banned: np.ndarray | None = None) -> _Chunk:
         """Decode ``len(prompts) * repeat`` rows (row ``i * repeat + j`` = patient ``i``)."""
         n = len(prompts)
         per_chunk = max(1, batch // repeat)
@@ -430,7 +465,7 @@ class Engine:
             hi = min(n, lo + per_chunk)
             parts.append(self._decode_chunk(
                 prompts[lo:hi], ages[lo:hi], sex_ids[lo:hi], keys[lo * repeat:hi * repeat],
-                required[lo:hi], params, grammar, validity_mask, repeat))
+                required[lo:hi], params, grammar, validity_mask, repeat, banned))
         if not parts:
             return _Chunk(np.zeros((0, grammar.max_length), dtype=np.int64),
                           np.zeros(0), np.zeros(0, dtype=np.int64))
@@ -441,7 +476,7 @@ class Engine:
     def _decode_chunk(self, prompts: Sequence[Sequence[int]], ages: np.ndarray,
                       sex_ids: np.ndarray, keys: np.ndarray, required: Sequence[Sequence[int]],
                       params: PlainParams, grammar: Grammar, validity_mask: bool,
-                      repeat: int) -> _Chunk:
+                      repeat: int, banned: np.ndarray | None = None) -> _Chunk:
         vocab_size = len(self.vocab)
         pad_id, bos_id = self.vocab.index[PAD], self.vocab.index[BOS]
         ids, attention = pad_prompts(prompts, pad_id)
@@ -458,6 +493,8 @@ class Engine:
             code_ok = self.validity.mask(ages[rep], sex_ids[rep])
         else:
             code_ok = np.ones((rows, vocab_size), dtype=bool)
+        if banned is not None:
+            code_ok[:, banned] = False  # excluded codes: never sampled
         req = np.zeros((rows, vocab_size), dtype=bool)
         for row, patient in enumerate(rep):
             req[row, list(required[patient])] = True
@@ -521,14 +558,14 @@ class Engine:
     def _rerank(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
                 required: list[list[int]], seeds: list[int], params: RerankParams,
                 grammar: Grammar, validity_mask: bool,
-                batch: int) -> tuple[np.ndarray, np.ndarray]:
+                batch: int, banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = params.candidates
         n = index.size
         prompts = [empty_prompt(self.vocab)] * n
         keys = row_keys(np.repeat(_key_seeds(seeds), k), np.repeat(index, k),
                         np.tile(np.arange(k), n))
         chunk = self._decode(prompts, ages, sex_ids, keys, required, params, grammar,
-                             validity_mask, batch, repeat=k)
+                             validity_mask, batch, repeat=k, banned=banned)
         coherence = np.zeros(n * k)
         if params.coherence_weight > 0:
             coherence = self.cooccurrence.coherence_many(
@@ -576,8 +613,9 @@ class Engine:
 
     def _retrieve_edit(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
                        required: list[list[int]], seeds: list[int], params: RetrieveEditParams,
-                       grammar: Grammar, validity_mask: bool,
-                       batch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                       grammar: Grammar, validity_mask: bool, batch: int,
+                       banned: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         assert self.retrieval is not None
         n = index.size
         key_seeds = _key_seeds(seeds)
@@ -592,7 +630,7 @@ class Engine:
             keys = row_keys(key_seeds[pending], index[pending], attempt)
             chunk = self._decode(prompts, ages[pending], sex_ids[pending], keys,
                                  [required[i] for i in pending], params, grammar,
-                                 validity_mask, batch)
+                                 validity_mask, batch, banned=banned)
             visits = [self._code_ids(self._trim(r)) for r in chunk.tokens]
             distance = self.retrieval.nearest_distance(
                 [[c for v in vs for c in v] for vs in visits])

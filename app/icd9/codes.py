@@ -27,6 +27,7 @@ import re
 __all__ = [
     "InvalidCodeError",
     "category_of",
+    "dotted_code",
     "looks_like_icd10",
     "normalize_code",
     "try_normalize_code",
@@ -113,3 +114,11 @@ def looks_like_icd10(raw: object, *, strict: bool = False) -> bool:
 def category_of(code: str) -> str:
     """The 3-character category of a canonical code (4 characters for E-codes)."""
     return code[:4] if code.startswith("E") else code[:3]
+
+
+def dotted_code(code: str) -> str:
+    """The dotted spelling of a canonical code, as FHIR and OHDSI Athena write ICD-9-CM:
+    ``25000 -> 250.00``, ``V571 -> V57.1``, ``E8120 -> E812.0``, ``401 -> 401``."""
+    category = category_of(code)
+    rest = code[len(category):]
+    return f"{category}.{rest}" if rest else category

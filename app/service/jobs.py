@@ -10,7 +10,14 @@ the engine decodes patient ``k`` as row ``k - 1`` of a request with the spec's s
 result does not depend on the deployment's ``chunk_size`` or ``generation_batch`` (neither is
 in the job id), and a chunk re-run after a worker died produces the same bytes and overwrites
 the earlier copy in the store: processing is at-least-once, the result is exactly-once (exactly
-``size`` patients, no duplicates, nothing lost).
+``size`` patients, no duplicates, nothing lost). One exception: with ``any_of``, the early stop
+of the re-draw tries is decided over one engine call's patients
+(:meth:`app.decoding.targeting.Targeting.sample_any_of`), so such a result also depends on the
+job's ``chunk_size`` and ``batch``, both fixed in its record at submission (a re-run chunk still
+gives the same bytes).
+
+The spec in the id includes its ``model`` (the bundle's name when several are loaded),
+``any_of`` and ``exclude``.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ from app.service.store import JobStore
 __all__ = [
     "JobAbandoned",
     "chunk_plan",
+    "generate_chunk",
     "iter_result",
     "job_id_for",
     "new_record",
+    "possible_demographics",
     "run_job",
     "status_of",
 ]
@@ -99,6 +108,23 @@ def _block_plan(spec: CohortSpec, block: int, n: int) -> list[tuple[float, str]]
     ages = np.round(ages, 1)
     female = rng.random(n) < spec.female_fraction
     return [(float(a), "F" if f else "M") for a, f in zip(ages, female, strict=True)]
+
+
+def possible_demographics(spec: CohortSpec) -> tuple[list[int], list[str]]:
+    """Every whole-year age (as the MCE edits count them) and sex the cohort may draw."""
+    age = spec.age
+    if isinstance(age, AgeBins):
+        spans = [(b.min, b.max) for b in age.bins]
+    elif isinstance(age, AgeRange):
+        spans = [(age.min, age.max)]
+    else:
+        spans = [(float(age), float(age))]
+    # chunk_plan rounds ages to 0.1 year, so 17.96 can become 18.0: bound the rounded ages
+    ages = sorted({a for low, high in spans
+                   for a in range(math.floor(round(low, 1)), math.floor(round(high, 1)) + 1)})
+    sexes = [s for s, share in (("F", spec.female_fraction), ("M", 1 - spec.female_fraction))
+             if share > 0]
+    return ages, sexes
 
 
 def patient_id(job_id: str, number: int) -> str:
@@ -182,6 +208,31 @@ def decode_chunk(payload: bytes) -> list[dict]:
     return [json.loads(line) for line in payload.decode().splitlines() if line]
 
 
+def generate_chunk(generator, spec: CohortSpec, job_id: str, index: int, chunk_size: int,
+                   batch: int) -> list[dict]:
+    """The rows of chunk ``index`` (a pure function of its arguments and the bundle):
+    ``{"id", "n", "age", "sex", "visits"}``, ``batch`` patients per engine call."""
+    if hasattr(generator, "for_model"):  # several bundles: the job's own (app.service.models)
+        generator = generator.for_model(spec.model)
+    start, _ = chunk_bounds(spec.size, chunk_size, index)
+    demographics = chunk_plan(spec, index, chunk_size)
+    rows = []
+    for offset in range(0, len(demographics), batch):
+        part = demographics[offset:offset + batch]
+        targets = {k: v for k, v in (("any_of", spec.any_of), ("exclude", spec.exclude)) if v}
+        # Patient k is row k - 1 of the spec's seed: its bytes ignore the chunking.
+        patients = generator.generate(
+            part, strategy=spec.strategy, params=spec.params, seed=spec.seed,
+            must_include=spec.must_include, validity_mask=spec.validity_mask,
+            first_index=start + offset, **targets)
+        for k, p in enumerate(patients):
+            number = start + offset + k + 1
+            rows.append({"id": patient_id(job_id, number), "n": number,
+                         "age": part[k][0], "sex": part[k][1],
+                         "visits": [list(v) for v in p.visits]})
+    return rows
+
+
 def run_job(store: JobStore, generator, job_id: str, worker: str, *, ttl: int,
             lease_s: float, batch: int = 64,
             stop: threading.Event | None = None) -> str:
@@ -209,21 +260,7 @@ def run_job(store: JobStore, generator, job_id: str, worker: str, *, ttl: int,
                 raise JobAbandoned(f"job {job_id} was cancelled or taken over")
             if stop is not None and stop.is_set():
                 raise JobAbandoned("worker stopping")
-            start, _ = chunk_bounds(spec.size, chunk_size, index)
-            demographics = chunk_plan(spec, index, chunk_size)
-            rows = []
-            for offset in range(0, len(demographics), batch):
-                part = demographics[offset:offset + batch]
-                # Patient k is row k - 1 of the spec's seed: its bytes ignore the chunking.
-                patients = generator.generate(
-                    part, strategy=spec.strategy, params=spec.params, seed=spec.seed,
-                    must_include=spec.must_include, validity_mask=spec.validity_mask,
-                    first_index=start + offset)
-                for k, p in enumerate(patients):
-                    number = start + offset + k + 1
-                    rows.append({"id": patient_id(job_id, number), "n": number,
-                                 "age": part[k][0], "sex": part[k][1],
-                                 "visits": [list(v) for v in p.visits]})
+            rows = generate_chunk(generator, spec, job_id, index, chunk_size, batch)
             status = store.put_chunk(job_id, index, encode_chunk(rows), len(rows),
                                      time.time(), ttl)
             if status == "done":
