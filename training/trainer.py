@@ -224,7 +224,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             return
         elapsed = elapsed_before + time.perf_counter() - started
         # keep back what follows training (measured) and the export
-        reserve = post_s + 20.0
+        reserve = post_s + min(20.0, 0.1 * budget_s)  # + the export
         wanted = plan_epochs(max_epochs=tc.epochs, epochs_done=epochs_done, budget_s=budget_s,
                              elapsed_s=elapsed, epoch_s=epoch_s, reserve_s=reserve)
         wanted = max(wanted, math.ceil(epochs_done))
