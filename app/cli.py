@@ -143,6 +143,9 @@ def train_command(
              "within it (default: chosen from the corpus).")] = None,
     device: Annotated[str | None, typer.Option(
         help="cpu (default) or cuda (a CUDA GPU, where torch sees one).")] = None,
+    date_format: Annotated[str | None, typer.Option(
+        help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
+             "default ISO 8601. Recorded in the manifest for evaluate.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing bundle in OUT.")] = False,
     dp_epsilon: Annotated[float | None, typer.Option(
@@ -178,6 +181,7 @@ def train_command(
         run_train(out=out, source=source, data=data, preset=preset, size=size, config=config,
                   overrides=overrides, flat=flat, epochs=epochs, batch_size=batch_size,
                   seed=seed, threads=threads, max_minutes=max_minutes, device=device,
+                  date_format=date_format,
                   resume=resume,
                   force=force, progress=progress, export=export)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
@@ -432,7 +436,7 @@ def load_bundle_corpus(manifest: dict, bundle: Path, data: Path | None):
             raise fail(f"data not found: {path} ({recorded}, source {source}); pass --data "
                        f"with the {source} data the bundle was trained on")
         try:
-            corpus = load_corpus(source, path)
+            corpus = load_corpus(source, path, date_format=info.get("date_format"))
         except (DataError, ValueError, OSError) as err:
             raise fail(f"cannot load {source} data from {path}: {err}") from None
         where = f"{source}: {path}"

@@ -150,3 +150,29 @@ def test_code_orders():
     assert [vocab.tokens[t] for t in by_tree[0].visits[0]] == ["25000", "4019"]
     with pytest.raises(ValueError, match="code_order"):
         code_rank(vocab, "alphabetical")
+
+
+def test_recorded_date_format_reloads_the_corpus(tmp_path):
+    """evaluate/calibrate reload a bundle's corpus with the date format training was given."""
+    import typer
+
+    from app.cli import load_bundle_corpus
+    from training.bundle import corpus_hash
+    from training.loaders import load_corpus
+
+    rows = ["patient_id,visit_id,code,age,sex,visit_time"]
+    for i in range(30):
+        rows.append(f"p{i},v{i}a,4019,{40 + i},F,15/01/2012")
+        rows.append(f"p{i},v{i}b,25000,{40 + i},F,03/02/2012")
+    path = tmp_path / "visits.csv"
+    path.write_text("\n".join(rows) + "\n")
+    corpus = load_corpus("generic", path, date_format="%d/%m/%Y")
+    manifest = {"data": {"source": "generic", "path": str(path), "preset": None,
+                         "date_format": "%d/%m/%Y",
+                         "content_hash": corpus_hash(corpus.patients)}}
+    again, _ = load_bundle_corpus(manifest, tmp_path, None)
+    assert corpus_hash(again.patients) == corpus_hash(corpus.patients)
+    assert again.patients[0].visits == (("4019",), ("25000",))  # day-first: January first
+    manifest["data"]["date_format"] = None
+    with pytest.raises(typer.Exit):
+        load_bundle_corpus(manifest, tmp_path, None)  # not ISO 8601: refused, never guessed
