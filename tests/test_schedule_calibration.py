@@ -176,3 +176,26 @@ def test_recorded_date_format_reloads_the_corpus(tmp_path):
     manifest["data"]["date_format"] = None
     with pytest.raises(typer.Exit):
         load_bundle_corpus(manifest, tmp_path, None)  # not ISO 8601: refused, never guessed
+
+
+def test_calibration_shapes_demographic_strategies_but_not_retrieve_edit():
+    from app.decoding import RetrievalIndex
+
+    rng = np.random.default_rng(1)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[(i + j) % 10], CODES[(i + 2 * j + 1) % 10])
+                           for j in range(int(rng.integers(1, 4)))))
+             for i in range(300)]
+    vocab = Vocabulary.from_patients(train)
+    index = RetrievalIndex.from_patients(train, vocab)
+    stop_late = StopCalibration(np.array([0.0, -4.0, -4.0, -4.0]))  # rarely end the patient
+
+    def run(calibration, strategy, params=None):
+        engine = Engine(RandomStepModel(len(vocab), seed=5), vocab, retrieval=index,
+                        max_visits=4, max_codes_per_visit=3, max_length=32,
+                        calibration=calibration)
+        return engine.generate([(50.0, "F")] * 200, strategy, params=params, seed=3).to_json()
+
+    assert run(None, "plain") != run(stop_late, "plain")
+    params = {"min_distance": 0.0, "max_retries": 5}
+    assert run(None, "retrieve_edit", params) == run(stop_late, "retrieve_edit", params)

@@ -456,6 +456,7 @@ class Engine:
     def _decode(self, prompts: Sequence[Sequence[int]], ages: np.ndarray, sex_ids: np.ndarray,
                 keys: np.ndarray, required: Sequence[Sequence[int]], params: PlainParams,
                 grammar: Grammar, validity_mask: bool, batch: int, repeat: int = 1,
+                calibrate: bool = True,
                 banned: np.ndarray | None = None) -> _Chunk:
         """Decode ``len(prompts) * repeat`` rows (row ``i * repeat + j`` = patient ``i``)."""
         n = len(prompts)
@@ -465,7 +466,7 @@ class Engine:
             hi = min(n, lo + per_chunk)
             parts.append(self._decode_chunk(
                 prompts[lo:hi], ages[lo:hi], sex_ids[lo:hi], keys[lo * repeat:hi * repeat],
-                required[lo:hi], params, grammar, validity_mask, repeat, banned))
+                required[lo:hi], params, grammar, validity_mask, repeat, banned, calibrate))
         if not parts:
             return _Chunk(np.zeros((0, grammar.max_length), dtype=np.int64),
                           np.zeros(0), np.zeros(0, dtype=np.int64))
@@ -476,7 +477,8 @@ class Engine:
     def _decode_chunk(self, prompts: Sequence[Sequence[int]], ages: np.ndarray,
                       sex_ids: np.ndarray, keys: np.ndarray, required: Sequence[Sequence[int]],
                       params: PlainParams, grammar: Grammar, validity_mask: bool,
-                      repeat: int, banned: np.ndarray | None = None) -> _Chunk:
+                      repeat: int, banned: np.ndarray | None = None,
+                      calibrate: bool = True) -> _Chunk:
         vocab_size = len(self.vocab)
         pad_id, bos_id = self.vocab.index[PAD], self.vocab.index[BOS]
         ids, attention = pad_prompts(prompts, pad_id)
@@ -519,7 +521,7 @@ class Engine:
             live = gstate.phase != DONE
             in_visit = gstate.phase == IN_VISIT
             scores = logp
-            if self.calibration is not None:
+            if calibrate and self.calibration is not None:
                 scores = self.calibration.apply(scores, gstate.phase == AFTER_VISIT,
                                                 gstate.n_visits, in_visit, gstate.n_codes,
                                                 EOS_ID, END_VISIT_ID)
@@ -628,9 +630,11 @@ class Engine:
             prompts = [self._edit_prompt(int(index[i]), float(ages[i]), int(sex_ids[i]),
                                          seeds[i], attempt, params, last) for i in pending]
             keys = row_keys(key_seeds[pending], index[pending], attempt)
+            # The stop calibration was fitted on demographics-only prompts; a retrieved
+            # patient's prompt already tells the model how many visits to write.
             chunk = self._decode(prompts, ages[pending], sex_ids[pending], keys,
                                  [required[i] for i in pending], params, grammar,
-                                 validity_mask, batch, banned=banned)
+                                 validity_mask, batch, banned=banned, calibrate=False)
             visits = [self._code_ids(self._trim(r)) for r in chunk.tokens]
             distance = self.retrieval.nearest_distance(
                 [[c for v in vs for c in v] for vs in visits])
