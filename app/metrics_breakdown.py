@@ -39,11 +39,26 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.corpus import Patient
-from app.metrics import (CodeIndex, _widen, code_counts, jsd_from_counts, r2_score, sparse_r2,
-                         visit_matrix)
+from app.metrics import (
+    CodeIndex,
+    _widen,
+    code_counts,
+    jsd_from_counts,
+    r2_score,
+    sparse_r2,
+    visit_matrix,
+)
 
-__all__ = ["STRATUM_AGE_BANDS", "transition_counts", "sequential_r2", "tail_codes",
-           "long_tail_metrics", "stratum_label", "stratum_of", "stratum_metrics"]
+__all__ = [
+    "STRATUM_AGE_BANDS",
+    "long_tail_metrics",
+    "sequential_r2",
+    "stratum_label",
+    "stratum_metrics",
+    "stratum_of",
+    "tail_codes",
+    "transition_counts",
+]
 
 # Age bands (years at first visit, [low, high)) of the per-stratum metrics.
 STRATUM_AGE_BANDS: tuple[tuple[int, int], ...] = ((0, 18), (18, 45), (45, 65), (65, 75),

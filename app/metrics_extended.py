@@ -15,7 +15,7 @@ from app.corpus import Patient
 from app.metrics import gap_closed
 from app.metrics_breakdown import long_tail_metrics, sequential_r2, stratum_metrics, tail_codes
 
-__all__ = ["ExtendedReference", "extended_metrics", "add_gap_shares", "GAP_METRICS"]
+__all__ = ["GAP_METRICS", "ExtendedReference", "add_gap_shares", "extended_metrics"]
 
 # The R2s whose share of the baseline-to-floor gap is reported as ``<metric>_gap_closed``.
 GAP_METRICS = ("unigram_r2", "bigram_r2", "sequential_r2", "tail_unigram_r2")

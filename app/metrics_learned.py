@@ -49,8 +49,16 @@ from app.icd9.hierarchy import chapter_of
 from app.metrics import CodeIndex
 from app.metrics_breakdown import stratum_of
 
-__all__ = ["patient_features", "detection_auc", "choose_utility_task", "has_category",
-           "tstr_auroc", "in_chapter", "attribute_inference_f1", "DEFAULT_SENSITIVE_CHAPTER"]
+__all__ = [
+    "DEFAULT_SENSITIVE_CHAPTER",
+    "attribute_inference_f1",
+    "choose_utility_task",
+    "detection_auc",
+    "has_category",
+    "in_chapter",
+    "patient_features",
+    "tstr_auroc",
+]
 
 DEFAULT_SENSITIVE_CHAPTER = "290-319"
 

@@ -9,16 +9,31 @@ import numpy as np
 import pytest
 
 from app.corpus import Patient
-from app.metrics import (RELATIVE_TARGETS, UCI_TARGETS, Target, check_targets, gap_closed,
-                         jsd_from_counts)
-from app.metrics_breakdown import (long_tail_metrics, sequential_r2, stratum_label,
-                                   stratum_metrics, tail_codes)
+from app.metrics import (
+    RELATIVE_TARGETS,
+    UCI_TARGETS,
+    Target,
+    check_targets,
+    gap_closed,
+    jsd_from_counts,
+)
+from app.metrics_breakdown import (
+    long_tail_metrics,
+    sequential_r2,
+    stratum_label,
+    stratum_metrics,
+    tail_codes,
+)
 from app.metrics_extended import ExtendedReference, add_gap_shares, extended_metrics
 
 pytest.importorskip("sklearn")
 
-from app.metrics_learned import (attribute_inference_f1, choose_utility_task,  # noqa: E402
-                                 detection_auc, tstr_auroc)
+from app.metrics_learned import (
+    attribute_inference_f1,
+    choose_utility_task,
+    detection_auc,
+    tstr_auroc,
+)
 
 
 def P(pid: str, *visits: tuple[str, ...], age: float = 60.0, sex: str = "F") -> Patient:
