@@ -827,8 +827,8 @@ class Target:
         if self.kind == "floor_offset":
             return f"{self.op} floor {self.value:+g}"
         if self.kind == "gap_share":
-            text = f"closes >= {100 * self.value:g}% of baseline-to-floor gap"
-            return text + (f" (or within {self.slack:g} of floor)" if self.slack else "")
+            text = f">= {100 * self.value:g}% of baseline-to-floor gap"
+            return text + (f" or floor - {self.slack:g}" if self.slack else "")
         if self.relative_to:
             return f"{self.op} {self.relative_to} + {self.value:g}"
         return f"{self.op} {self.value:g}"

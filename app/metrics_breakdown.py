@@ -51,6 +51,7 @@ from app.metrics import (
 
 __all__ = [
     "STRATUM_AGE_BANDS",
+    "conditional_probabilities",
     "long_tail_metrics",
     "sequential_r2",
     "stratum_label",
@@ -86,26 +87,34 @@ def transition_counts(patients: Sequence[Patient], index: CodeIndex
     return n_a, (a.T @ b).tocsr().astype(np.float64)
 
 
-def sequential_r2(real: Sequence[Patient], synthetic: Sequence[Patient],
-                  min_support: int = 10) -> float:
-    """R2 of consecutive-visit conditional probabilities ``P(code b in visit t+1 | code a in
-    visit t)``, real as the reference, over conditioning codes with ``N_real(a) >=
-    min_support`` (module docstring)."""
+def conditional_probabilities(real: Sequence[Patient], synthetic: Sequence[Patient],
+                              min_support: int = 10) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Real and synthetic ``P(b | a)`` as codes x codes sparse matrices over one index, rows
+    kept only for conditioning codes with ``N_real(a) >= min_support`` (others all zero)."""
     index = CodeIndex()
     n_real, pairs_real = transition_counts(real, index)
     n_syn, pairs_syn = transition_counts(synthetic, index)
     n = len(index)
     n_real = np.pad(n_real, (0, n - n_real.size))
     n_syn = np.pad(n_syn, (0, n - n_syn.size))
-    pairs_real = _square(pairs_real, n)
-    pairs_syn = _square(pairs_syn, n)
     keep = (n_real >= min_support).astype(np.float64)
-    if not keep.any():
-        return float("nan")
     inv_real = np.divide(keep, n_real, out=np.zeros(n), where=n_real > 0)
     inv_syn = np.divide(keep, n_syn, out=np.zeros(n), where=n_syn > 0)
-    p_real = sp.diags(inv_real) @ pairs_real
-    p_syn = sp.diags(inv_syn) @ pairs_syn
+    p_real = (sp.diags(inv_real) @ _square(pairs_real, n)).tocsr()
+    p_syn = (sp.diags(inv_syn) @ _square(pairs_syn, n)).tocsr()
+    p_real.eliminate_zeros()
+    p_syn.eliminate_zeros()
+    return p_real, p_syn
+
+
+def sequential_r2(real: Sequence[Patient], synthetic: Sequence[Patient],
+                  min_support: int = 10) -> float:
+    """R2 of consecutive-visit conditional probabilities ``P(code b in visit t+1 | code a in
+    visit t)``, real as the reference, over conditioning codes with ``N_real(a) >=
+    min_support`` (module docstring)."""
+    p_real, p_syn = conditional_probabilities(real, synthetic, min_support)
+    if p_real.nnz == 0:
+        return float("nan")  # no conditioning code with enough support
     return sparse_r2(p_real, p_syn)
 
 
