@@ -32,7 +32,7 @@ class ExtendedReference:
     tail: set[str]
     seed: int = 0
     learned: bool = True
-    min_support: int = 10
+    min_support: int = 50
     utility_category: str | None = None
     utility_share: float = float("nan")
     tstr_auroc_real: float = float("nan")
@@ -41,7 +41,7 @@ class ExtendedReference:
 
     @classmethod
     def build(cls, test: Sequence[Patient], train: Sequence[Patient], seed: int = 0, *,
-              learned: bool = True, attack_size: int = 1000, min_support: int = 10
+              learned: bool = True, attack_size: int = 1000, min_support: int = 50
               ) -> ExtendedReference:
         """``learned=False`` skips the scikit-learn metrics (then NaN). Attack targets:
         ``attack_size`` training patients; train-on-real: as many training patients as the

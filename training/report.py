@@ -81,7 +81,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("bigram_r2_gap_closed", "bigram R2: share of gap closed", "pct", "fidelity",
                "(value - baseline) / (floor - baseline); 100% = at the floor"),
     MetricSpec("sequential_r2", "sequential R2", "f3", "sequence",
-               "R2 of P(code b in visit t+1 | code a in visit t), codes a with >= 10 real "
+               "R2 of P(code b in visit t+1 | code a in visit t), codes a with >= 50 real "
                "transitions"),
     MetricSpec("sequential_r2_gap_closed", "sequential R2: share of gap closed", "pct",
                "sequence", "(value - baseline) / (floor - baseline)"),
@@ -559,7 +559,7 @@ def plot_age_sex(breakdown: dict, names: Sequence[str]) -> str:
 
 
 def plot_sequential(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
-                    min_support: int = 10) -> str:
+                    min_support: int = 50) -> str:
     """Real vs cohort P(code b in visit t+1 | code a in visit t) for the conditioning codes
     with enough real support (the sequential R2's points), one panel per cohort."""
     from app.metrics_breakdown import conditional_probabilities
@@ -805,7 +805,7 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
              plot_age_sex(breakdown, order)),
             ("Sequential fidelity",
              ("P(code b in visit t+1 | code a in visit t), real test (x) vs cohort (y), for "
-              "codes a with at least 10 real transitions: the sequential R2 compares these."),
+              "codes a with at least 50 real transitions: the sequential R2 compares these."),
              plot_sequential(ordered, test)),
         ]
         if details.get("strata"):
