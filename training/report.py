@@ -573,8 +573,10 @@ def plot_sequential(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pat
     for ax, name in zip(axes.flat, names):
         p_real, p_syn = conditional_probabilities(test, cohorts[name], min_support)
         support = (p_real + p_syn).tocoo()
-        y = np.asarray(p_real[support.row, support.col]).ravel()
-        yhat = np.asarray(p_syn[support.row, support.col]).ravel()
+        y = yhat = np.zeros(0)
+        if support.nnz:
+            y = np.asarray(p_real[support.row, support.col], dtype=float).ravel()
+            yhat = np.asarray(p_syn[support.row, support.col], dtype=float).ravel()
         ax.scatter(y, yhat, s=4, alpha=0.4, color=colors[name], rasterized=True, linewidths=0)
         ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
         r2 = r2_score(y, yhat) if y.size else float("nan")
