@@ -48,7 +48,10 @@ class HaloData:
         self.n_out = 1 + len(self.codes)  # bits that are predicted
         self.n_labels = 2 + len(STRATUM_AGE_BANDS)
         self.n_bits = self.n_out + self.n_labels
-        self.max_visits = max((len(p.visits) for p in train), default=1)
+        # Sequences are cut at the 99th percentile of visits per patient: a half-trained HALO
+        # that never emits the end bit would otherwise run every batch to the longest patient.
+        lengths = [len(p.visits) for p in train] or [1]
+        self.max_visits = max(1, int(np.ceil(np.percentile(lengths, 99))))
 
     def labels(self, age: float, sex: str) -> list[int]:
         band = next((i for i, (lo, hi) in enumerate(STRATUM_AGE_BANDS) if lo <= age < hi),
