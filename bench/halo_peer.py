@@ -82,7 +82,7 @@ class Halo(nn.Module):
         self.position = nn.Embedding(max_positions, d_model)
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1,
                                            batch_first=True, norm_first=True)
-        self.visits = nn.TransformerEncoder(layer, layers)
+        self.visits = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, n_out)
         self.masked = nn.Parameter(torch.zeros(n_out, n_out))
         self.register_buffer("mask", torch.tril(torch.ones(n_out, n_out), diagonal=-1))

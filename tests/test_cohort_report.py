@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from fastapi.testclient import TestClient
-from test_service_support import (ROOT, free_port, random_engine_generator, session_generator,
-                                  tiny_bundle, wait_for, wait_until_ready)
+from test_service_support import (
+    ROOT,
+    free_port,
+    random_engine_generator,
+    session_generator,
+    tiny_bundle,
+    wait_for,
+    wait_until_ready,
+)
 
 from app.metrics import jsd_from_counts
 from app.service.api import create_app
