@@ -4,7 +4,11 @@ One run: generate as many patients as the test split has, conditioned one-to-one
 patients' (age, sex), once per decoding strategy; add the two references drawn in the same run
 (``floor``: an equal-sized sample of real training patients; ``baseline``: the
 independent-marginals sampler); score every cohort with :func:`app.metrics.evaluate_cohort`
-against one shared :class:`app.metrics.Reference`; write and print the report.
+against one shared :class:`app.metrics.Reference`, plus the newer metrics
+(:func:`app.metrics_extended.extended_metrics`: sequential, long tail, strata, detection, TSTR,
+attribute inference) and, when asked, the Anonymeter audit
+(:mod:`training.anonymeter_audit`); judge them with a target profile of
+:data:`app.metrics.TARGET_PROFILES`; write and print the report.
 
 The generation engine is plugged in as a callable, so this module does not depend on it::
 
