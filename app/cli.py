@@ -361,7 +361,7 @@ def evaluate_command(
         help="Interpreter with anonymeter (default: this one if it has it, else "
              ".venv-audit/bin/python).")] = None,
     anonymeter_attacks: Annotated[int, typer.Option(
-        help="Attacks per Anonymeter evaluator.")] = 500,
+        help="Attacks per Anonymeter evaluator.")] = 2000,
 ) -> None:
     """Run the evaluation protocol on a bundle's test split and write report.json/html/md."""
     import os

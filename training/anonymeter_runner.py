@@ -43,7 +43,6 @@ def main(folder: str) -> int:
 
     root = Path(folder)
     job = json.loads((root / "job.json").read_text())
-    np.random.seed(int(job.get("seed", 0)))  # anonymeter samples its attacks with numpy
     ori = pd.read_csv(root / "ori.csv", dtype={"sex": str})
     control = pd.read_csv(root / "control.csv", dtype={"sex": str})
     n_attacks = int(job["n_attacks"])
@@ -51,6 +50,8 @@ def main(folder: str) -> int:
     aux = [c for c in ori.columns if c != secret]
     results = {}
     for i, name in enumerate(job["cohorts"]):
+        # Reseeded per cohort, so a cohort's risks do not depend on which cohorts came before.
+        np.random.seed(int(job.get("seed", 0)))
         syn = pd.read_csv(root / f"syn_{i}.csv", dtype={"sex": str})
         attacks = min(n_attacks, len(control), len(syn))
         results[name] = {

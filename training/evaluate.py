@@ -175,7 +175,7 @@ def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pa
                      timings: Mapping[str, float] | None = None, progress: bool = False,
                      console=None, extended: bool = True, learned: bool = True,
                      anonymeter: bool = False, anonymeter_python: str | Path | None = None,
-                     anonymeter_attacks: int = 500, details: dict | None = None
+                     anonymeter_attacks: int = 2000, details: dict | None = None
                      ) -> dict[str, dict[str, float]]:
     """Score every cohort against one :class:`app.metrics.Reference`. A ``<s> (model alone)``
     cohort is folded into row ``s`` as ``validity_model_alone``; the floor and baseline, which
@@ -255,7 +255,7 @@ def run_protocol(test: Sequence[Patient], train: Sequence[Patient], *,
                  show_table: bool = True, targets: str = "relative", extended: bool = True,
                  learned: bool = True, anonymeter: bool = False,
                  anonymeter_python: str | Path | None = None,
-                 anonymeter_attacks: int = 500) -> ProtocolResult:
+                 anonymeter_attacks: int = 2000) -> ProtocolResult:
     """The whole protocol: cohorts (:func:`protocol_cohorts`), rows
     (:func:`evaluate_cohorts`), the terminal table and, with ``out_dir``, ``report.json``,
     ``report.html`` and ``report.md``. ``meta`` names the source (``source``; a

@@ -142,7 +142,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("anonymeter_linkability", "Anonymeter linkability risk", "f3", "privacy",
                "two halves of the flattened columns linked, 10 neighbours"),
     MetricSpec("anonymeter_inference", "Anonymeter inference risk", "f3", "privacy",
-               "inference of the mental-disorders chapter flag from the other columns"),
+               "inference of the chapter flag nearest 50% prevalence from the other columns"),
     MetricSpec("generation_seconds", "generation time (s)", "f1", "size",
                "wall-clock seconds to generate the cohort"),
     MetricSpec("n_patients", "patients", "int", "size", ""),
