@@ -99,7 +99,8 @@ def _ours(bundle: Path, demographics, seed: int) -> tuple[list, float, str]:
         patients += list(engine.generate(chunk, "plain", seed=seed + start).patients)
     seconds = time.perf_counter() - started
     train_info = (manifest.get("training") or manifest.get("metrics") or {})
-    return patients, seconds, json.dumps({k: train_info[k] for k in list(train_info)[:6]},
+    return patients, seconds, json.dumps({k: train_info[k] for k in list(train_info)[:6]
+                                          if k != "history"},
                                          default=str)
 
 
