@@ -473,6 +473,18 @@ def evaluate_command(
              '4}}\'.')] = None,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 64,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    targets: Annotated[str, typer.Option(
+        help="Target profile: relative (against this run's floor and baseline) or uci "
+             "(UCI's absolute numbers).")] = "relative",
+    anonymeter: Annotated[bool, typer.Option(
+        help="Run the Anonymeter audit (needs scripts/audit_venv.sh or anonymeter "
+             "installed).")] = True,
+    anonymeter_python: Annotated[Path | None, typer.Option(
+        envvar="SYNTHEHR_ANONYMETER_PYTHON",
+        help="Interpreter with anonymeter (default: this one if it has it, else "
+             ".venv-audit/bin/python).")] = None,
+    anonymeter_attacks: Annotated[int, typer.Option(
+        help="Attacks per Anonymeter evaluator.")] = 2000,
 ) -> None:
     """Run the evaluation protocol on a bundle's test split and write report.json/html/md."""
     import os
@@ -482,6 +494,13 @@ def evaluate_command(
 
     names = _eval_strategies(strategies)
     strategy_params = _eval_params(params, names)
+    from app.metrics import TARGET_PROFILES
+
+    if targets not in TARGET_PROFILES:
+        raise fail(f"unknown target profile {targets!r}: choose from "
+                   + ", ".join(TARGET_PROFILES))
+    if anonymeter_attacks < 1:
+        raise fail("--anonymeter-attacks must be at least 1")
     if threads < 1:
         raise fail("--threads must be at least 1")
     if not bundle.exists():
@@ -558,7 +577,9 @@ def evaluate_command(
     try:
         result = run_protocol(split.test, train, generate_fn=generate, strategies=names,
                               out_dir=out_dir, meta=meta, seed=seed, mia_size=mia_size,
-                              console=console, progress=progress)
+                              console=console, progress=progress, targets=targets,
+                              anonymeter=anonymeter, anonymeter_python=anonymeter_python,
+                              anonymeter_attacks=anonymeter_attacks)
     except (InvalidParametersError, PrivacyGuardError) as err:
         raise fail(str(err)) from None
     console.print(f"wrote {', '.join(str(p) for p in result.paths.values())} in "

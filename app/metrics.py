@@ -86,16 +86,49 @@ from app.corpus import Patient
 from app.icd9.edits import CodeEdits, load_edits
 
 __all__ = [
-    "CodeIndex", "visit_matrix", "patient_matrix", "pair_counts",
-    "code_counts", "jsd_from_counts", "code_jsd", "top_k_codes", "top_k_overlap",
-    "r2_score", "sparse_r2", "unigram_r2", "bigram_r2", "aligned_prevalence",
-    "cooccurrence_score", "ks_statistic", "ks_visits_per_patient", "ks_codes_per_visit",
-    "validity", "invalid_codes",
-    "well_formed_tokens", "well_formed_token_rate", "well_formed_patient", "well_formed_rate",
-    "record_key", "exact_copy_rate", "nearest_jaccard_distance", "distance_to_closest_record",
-    "dcr_summary", "rank_auc", "membership_inference_auc",
-    "Reference", "evaluate_cohort", "independent_marginals_sampler", "real_floor_sample",
-    "Target", "PROTOCOL_TARGETS", "check_targets",
+    "GAP_SHARE",
+    "PROTOCOL_TARGETS",
+    "RELATIVE_TARGETS",
+    "TARGET_PROFILES",
+    "UCI_TARGETS",
+    "CodeIndex",
+    "Reference",
+    "Target",
+    "aligned_prevalence",
+    "bigram_r2",
+    "check_targets",
+    "code_counts",
+    "code_jsd",
+    "cooccurrence_score",
+    "dcr_summary",
+    "distance_to_closest_record",
+    "evaluate_cohort",
+    "exact_copy_rate",
+    "gap_closed",
+    "independent_marginals_sampler",
+    "invalid_codes",
+    "jsd_from_counts",
+    "ks_codes_per_visit",
+    "ks_statistic",
+    "ks_visits_per_patient",
+    "membership_inference_auc",
+    "nearest_jaccard_distance",
+    "pair_counts",
+    "patient_matrix",
+    "r2_score",
+    "rank_auc",
+    "real_floor_sample",
+    "record_key",
+    "sparse_r2",
+    "top_k_codes",
+    "top_k_overlap",
+    "unigram_r2",
+    "validity",
+    "visit_matrix",
+    "well_formed_patient",
+    "well_formed_rate",
+    "well_formed_token_rate",
+    "well_formed_tokens",
 ]
 
 
@@ -762,38 +795,86 @@ def independent_marginals_sampler(train: Sequence[Patient], n: int,
 
 @dataclass(frozen=True)
 class Target:
-    """A protocol target: ``metric op value``, or relative to another metric of the same row
-    (``exact_copy_rate <= exact_copy_rate_test + 0.02``)."""
+    """A protocol target on one metric of a row. ``kind`` says what ``value`` bounds:
+
+    - ``"absolute"``: ``metric op value`` (``jsd <= 0.03``); with ``relative_to``, a bound
+      relative to another metric of the same row (``exact_copy_rate <= exact_copy_rate_test
+      + 0.02``).
+    - ``"floor_ratio"``: ``metric op value x`` the floor row's value (``jsd <= 1.25 x floor``).
+    - ``"floor_offset"``: ``metric op`` the floor row's value ``+ value``.
+    - ``"gap_share"`` (for ``>=``): the metric closes at least the share ``value`` of the gap
+      from the baseline row to the floor row: ``metric >= baseline + value x (floor -
+      baseline)``; with ``slack`` > 0 a value within ``slack`` of the floor also passes (where
+      the baseline is already at the floor, closing a share of no gap means nothing).
+
+    The floor and baseline rows are those of the same run, passed to :meth:`check` as
+    ``references``; without them a reference-relative target is not measured (None).
+    """
 
     metric: str
     op: str  # ">=" or "<="
     value: float
     relative_to: str | None = None
     label: str = ""
+    kind: str = "absolute"
+    slack: float = 0.0
 
     def describe(self) -> str:
         if self.label:
             return self.label
+        if self.kind == "floor_ratio":
+            return f"{self.op} {self.value:g}x floor"
+        if self.kind == "floor_offset":
+            return f"{self.op} floor {self.value:+g}"
+        if self.kind == "gap_share":
+            text = f">= {100 * self.value:g}% of baseline-to-floor gap"
+            return text + (f" or floor - {self.slack:g}" if self.slack else "")
         if self.relative_to:
             return f"{self.op} {self.relative_to} + {self.value:g}"
         return f"{self.op} {self.value:g}"
 
-    def check(self, row: Mapping[str, float]) -> bool | None:
-        """True/False, or None when the row lacks the metric (or it is NaN)."""
-        value = row.get(self.metric)
-        bound = self.value
-        if self.relative_to is not None:
-            base = row.get(self.relative_to)
-            if base is None or not np.isfinite(base):
+    def bound(self, row: Mapping[str, float],
+              references: Mapping[str, Mapping[str, float]] | None = None) -> float | None:
+        """The number the metric is compared with, or None where a reference is missing."""
+
+        def finite(source: Mapping[str, float] | None, key: str) -> float | None:
+            value = None if source is None else source.get(key)
+            return float(value) if isinstance(value, (int, float)) and np.isfinite(value) \
+                else None
+
+        if self.kind == "absolute":
+            if self.relative_to is None:
+                return self.value
+            base = finite(row, self.relative_to)
+            return None if base is None else base + self.value
+        floor = finite((references or {}).get("floor"), self.metric)
+        if floor is None:
+            return None
+        if self.kind == "floor_ratio":
+            return self.value * floor
+        if self.kind == "floor_offset":
+            return floor + self.value
+        if self.kind == "gap_share":
+            baseline = finite((references or {}).get("baseline"), self.metric)
+            if baseline is None:
                 return None
-            bound = base + self.value
-        if value is None or not np.isfinite(value):
+            bound = baseline + self.value * (floor - baseline)
+            return min(bound, floor - self.slack) if self.slack > 0 else bound
+        raise ValueError(f"unknown target kind {self.kind!r}")
+
+    def check(self, row: Mapping[str, float],
+              references: Mapping[str, Mapping[str, float]] | None = None) -> bool | None:
+        """True/False, or None when the row lacks the metric (or it is NaN) or a reference
+        the target needs is missing."""
+        value = row.get(self.metric)
+        bound = self.bound(row, references)
+        if bound is None or value is None or not np.isfinite(value):
             return None
         # A small tolerance so 0.99999999 passes ">= 1" only through rounding noise.
         return value >= bound - 1e-12 if self.op == ">=" else value <= bound + 1e-12
 
 
-# The issue's targets on UCI's test split.
+# The issue's absolute targets on UCI's test split (kept under this name for its callers).
 PROTOCOL_TARGETS: tuple[Target, ...] = (
     Target("jsd", "<=", 0.03),
     Target("top100_overlap", ">=", 0.80),
@@ -807,8 +888,58 @@ PROTOCOL_TARGETS: tuple[Target, ...] = (
     Target("mia_auc", "<=", 0.60),
 )
 
+# Targets that hold on any corpus: fidelity judged against the floor and baseline of the same
+# run. The share of the baseline-to-floor gap that R2s must close:
+GAP_SHARE = 0.75
+_SHARED_TARGETS: tuple[Target, ...] = (
+    Target("validity", ">=", 1.0, label="= 100%"),
+    Target("validity_model_alone", ">=", 0.99, label=">= 99%"),
+    Target("well_formed", ">=", 1.0, label="= 100%"),
+    Target("exact_copy_rate", "<=", 0.02, relative_to="exact_copy_rate_test",
+           label="<= real test + 2 pts"),
+    Target("mia_auc", "<=", 0.60),
+    Target("tstr_auroc", ">=", -0.03, relative_to="tstr_auroc_real",
+           label=">= train-on-real - 0.03"),
+    Target("attr_inference_f1", "<=", 0.05, relative_to="attr_inference_f1_holdout",
+           label="<= real holdout + 0.05"),
+    Target("anonymeter_singling_out", "<=", 0.05),
+    Target("anonymeter_linkability", "<=", 0.05),
+    Target("anonymeter_inference", "<=", 0.05),
+)
+RELATIVE_TARGETS: tuple[Target, ...] = (
+    Target("jsd", "<=", 1.25, kind="floor_ratio"),
+    Target("top100_overlap", ">=", 0.9, kind="floor_ratio"),
+    Target("unigram_r2", ">=", GAP_SHARE, kind="gap_share", slack=0.01),
+    Target("bigram_r2", ">=", GAP_SHARE, kind="gap_share", slack=0.01),
+    Target("sequential_r2", ">=", GAP_SHARE, kind="gap_share", slack=0.01),
+    Target("tail_jsd", "<=", 1.25, kind="floor_ratio"),
+    Target("tail_unigram_r2", ">=", GAP_SHARE, kind="gap_share", slack=0.01),
+    Target("stratum_jsd_worst", "<=", 1.25, kind="floor_ratio"),
+    Target("detection_auc", "<=", 0.10, kind="floor_offset"),
+    *_SHARED_TARGETS,
+)
+# UCI's absolute numbers (DESIGN.md), with the issue's goals for the newer metrics.
+UCI_TARGETS: tuple[Target, ...] = (
+    *PROTOCOL_TARGETS[:4],
+    Target("detection_auc", "<=", 0.60),
+    *_SHARED_TARGETS,
+)
+TARGET_PROFILES: dict[str, tuple[Target, ...]] = {"relative": RELATIVE_TARGETS,
+                                                  "uci": UCI_TARGETS}
 
-def check_targets(row: Mapping[str, float], targets: Sequence[Target] = PROTOCOL_TARGETS
+
+def gap_closed(value: float, floor: float, baseline: float) -> float:
+    """Share of the baseline-to-floor gap a value closes: 0 at the baseline, 1 at the floor
+    (negative below the baseline); NaN where the gap is 0 or a number is missing."""
+    numbers = np.array([value, floor, baseline], dtype=np.float64)
+    if not np.all(np.isfinite(numbers)) or floor == baseline:
+        return float("nan")
+    return float((value - baseline) / (floor - baseline))
+
+
+def check_targets(row: Mapping[str, float], targets: Sequence[Target] = PROTOCOL_TARGETS,
+                  references: Mapping[str, Mapping[str, float]] | None = None
                   ) -> dict[str, bool | None]:
-    """Metric -> pass (True), fail (False) or not measured (None)."""
-    return {t.metric: t.check(row) for t in targets}
+    """Metric -> pass (True), fail (False) or not measured (None). ``references`` holds the
+    run's ``floor`` and ``baseline`` rows, for the reference-relative targets."""
+    return {t.metric: t.check(row, references) for t in targets}

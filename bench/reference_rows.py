@@ -4,6 +4,7 @@ training patients) and the independent-marginals baseline, scored against the te
     .venv/bin/python bench/reference_rows.py                       # UCI, seed 0
     .venv/bin/python bench/reference_rows.py --seeds 0,1,2,3,4     # spread over seeds
     .venv/bin/python bench/reference_rows.py --out reports/reference-uci   # + report files
+    .venv/bin/python bench/reference_rows.py --anonymeter       # + the Anonymeter audit
 
 Reads ``../shared/data/uci-diabetes-130`` (relative to the project root) by default and exits
 with a message where it is absent.
@@ -24,8 +25,7 @@ if str(ROOT) not in sys.path:
 
 from rich.console import Console
 
-from training.evaluate import (evaluate_cohorts, load_split, protocol_cohorts,
-                               run_protocol)
+from training.evaluate import evaluate_cohorts, load_split, protocol_cohorts, run_protocol
 
 DEFAULT_DATA = {"uci": ROOT.parent / "shared" / "data" / "uci-diabetes-130",
                 "eicu": ROOT.parent / "shared" / "data" / "eicu-demo",
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds: print the spread of the headline metrics")
     parser.add_argument("--out", type=Path, default=None, help="write report files here")
+    parser.add_argument("--anonymeter", action="store_true",
+                        help="add the Anonymeter audit (scripts/audit_venv.sh)")
     args = parser.parse_args(argv)
     console = Console()
     data = args.data or DEFAULT_DATA.get(args.source)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"test {len(split.test):,} patients ({time.perf_counter() - started:.1f}s)")
     result = run_protocol(split.test, split.train, out_dir=args.out, seed=args.seed,
                           meta={"source": args.source, "data": str(data)}, console=console,
-                          progress=False)
+                          progress=False, anonymeter=args.anonymeter)
     console.print(f"protocol run: {result.seconds:.1f}s")
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",")]

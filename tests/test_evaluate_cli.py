@@ -62,6 +62,30 @@ def test_evaluate_writes_the_report(bundle, tmp_path):
     assert meta["seed"] == 3
     assert "rerank" in (out / "report.md").read_text()
     assert "JSD" in result.output
+    # the newer metrics and the Anonymeter audit, on every row including both references
+    for name in (*STRATEGIES, "floor", "baseline"):
+        for key in ("sequential_r2", "tail_jsd", "stratum_jsd_worst", "detection_auc",
+                    "tstr_auroc", "attr_inference_f1", "anonymeter_inference"):
+            assert key in rows[name], (name, key)
+    assert meta["targets"] == "relative"
+    assert "status" in report["details"]["anonymeter"]
+
+
+def test_evaluate_uci_profile_and_bad_profile(bundle, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(app, [
+        "evaluate", "--bundle", str(bundle), "--strategies", "plain", "--out", str(out),
+        "--threads", "1", "--mia-size", "50", "--no-progress", "--targets", "uci",
+        "--no-anonymeter"])
+    assert result.exit_code == 0, _text(result)
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["targets"] == "uci"
+    jsd = next(t for t in report["targets"] if t["metric"] == "jsd")
+    assert (jsd["kind"], jsd["value"]) == ("absolute", 0.03)
+    assert "anonymeter" not in report["details"]
+    result = runner.invoke(app, ["evaluate", "--bundle", str(bundle), "--targets", "strict",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown target profile" in _text(result)
 
 
 def test_unknown_strategy_exits_2_naming_it(bundle, tmp_path):

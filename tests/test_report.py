@@ -12,9 +12,16 @@ import pytest
 from app.corpus import Patient
 from app.icd9.edits import load_edits
 from app.metrics import independent_marginals_sampler
-from training.evaluate import (BASELINE, FLOOR, MODEL_ALONE_SUFFIX, derive_seed,
-                               evaluate_cohorts, protocol_cohorts, run_protocol,
-                               protocol_demographics)
+from training.evaluate import (
+    BASELINE,
+    FLOOR,
+    MODEL_ALONE_SUFFIX,
+    derive_seed,
+    evaluate_cohorts,
+    protocol_cohorts,
+    protocol_demographics,
+    run_protocol,
+)
 from training.report import markdown_table, print_table, write_report
 
 pytest.importorskip("matplotlib")
@@ -129,8 +136,31 @@ def test_run_protocol_writes_a_self_contained_report(tmp_path):
                                          "validity_model_alone", "well_formed",
                                          "exact_copy_rate", "exact_copy_rate_test",
                                          "dcr_mean", "mia_auc", "generation_seconds"}
+    # the newer metrics, with both reference rows computed in the same run
+    for name in ("plain", FLOOR, BASELINE):
+        assert set(doc["rows"][name]) >= {
+            "sequential_r2", "tail_jsd", "tail_unigram_r2", "tail_distinct_codes",
+            "distinct_codes_test", "stratum_jsd_worst", "stratum_unigram_r2_worst",
+            "detection_auc", "tstr_auroc", "tstr_auroc_real", "attr_inference_f1",
+            "attr_inference_f1_holdout", "bigram_r2_gap_closed"}, name
+    assert doc["rows"][FLOOR]["bigram_r2_gap_closed"] == pytest.approx(1.0)
+    assert doc["rows"][BASELINE]["bigram_r2_gap_closed"] == pytest.approx(0.0)
+    # the real floor is hard to tell from real test; independent marginals are easier
+    assert doc["rows"][FLOOR]["detection_auc"] < doc["rows"][BASELINE]["detection_auc"]
+    assert doc["details"]["utility_task"]["category"]
+    assert doc["details"]["strata"]["plain"]
+    # targets judged against this run's floor: the JSD bound is 1.25 x the floor's JSD
+    jsd_target = next(t for t in doc["targets"] if t["metric"] == "jsd")
+    assert jsd_target["kind"] == "floor_ratio"
+    assert jsd_target["bound"] == pytest.approx(1.25 * doc["rows"][FLOOR]["jsd"])
+    assert doc["checks"]["plain"]["jsd"] is (doc["rows"]["plain"]["jsd"]
+                                             <= jsd_target["bound"] + 1e-12)
+    assert doc["meta"]["targets"] == "relative"
     page = paths["html"].read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 7
+    # the page opens with the verdict, before the full table and the figures
+    assert page.index('id="verdict"') < page.index("<h2>Metrics</h2>") < page.index("<figure")
+    assert "of baseline-to-floor gap" in page and "Sequential fidelity" in page
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", page)  # nothing external
     assert "<script" not in page
     assert "Strack" in page and "uci" in page

@@ -4,7 +4,11 @@ One run: generate as many patients as the test split has, conditioned one-to-one
 patients' (age, sex), once per decoding strategy; add the two references drawn in the same run
 (``floor``: an equal-sized sample of real training patients; ``baseline``: the
 independent-marginals sampler); score every cohort with :func:`app.metrics.evaluate_cohort`
-against one shared :class:`app.metrics.Reference`; write and print the report.
+against one shared :class:`app.metrics.Reference`, plus the newer metrics
+(:func:`app.metrics_extended.extended_metrics`: sequential, long tail, strata, detection, TSTR,
+attribute inference) and, when asked, the Anonymeter audit
+(:mod:`training.anonymeter_audit`); judge them with a target profile of
+:data:`app.metrics.TARGET_PROFILES`; write and print the report.
 
 The generation engine is plugged in as a callable, so this module does not depend on it::
 
@@ -31,13 +35,30 @@ from typing import Protocol
 import numpy as np
 
 from app.corpus import Patient
-from app.metrics import (Reference, evaluate_cohort, independent_marginals_sampler,
-                         real_floor_sample)
+from app.metrics import (
+    TARGET_PROFILES,
+    Reference,
+    evaluate_cohort,
+    independent_marginals_sampler,
+    real_floor_sample,
+)
+from app.metrics_extended import ExtendedReference, add_gap_shares, extended_metrics
 from training.report import BASELINE, FLOOR, print_table, write_report
 
-__all__ = ["GenerateFn", "FLOOR", "BASELINE", "MODEL_ALONE_SUFFIX", "SOURCE_CITATIONS",
-           "derive_seed", "protocol_demographics", "protocol_cohorts", "evaluate_cohorts",
-           "ProtocolResult", "run_protocol", "load_split"]
+__all__ = [
+    "BASELINE",
+    "FLOOR",
+    "MODEL_ALONE_SUFFIX",
+    "SOURCE_CITATIONS",
+    "GenerateFn",
+    "ProtocolResult",
+    "derive_seed",
+    "evaluate_cohorts",
+    "load_split",
+    "protocol_cohorts",
+    "protocol_demographics",
+    "run_protocol",
+]
 
 MODEL_ALONE_SUFFIX = " (model alone)"
 
@@ -73,8 +94,14 @@ def protocol_demographics(test: Sequence[Patient]) -> list[tuple[float, str]]:
 def _progress(enabled: bool, console):
     if not enabled:
         return None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
@@ -146,11 +173,33 @@ def protocol_cohorts(test: Sequence[Patient], train: Sequence[Patient],
 def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
                      train: Sequence[Patient], *, seed: int = 0, mia_size: int | None = None,
                      timings: Mapping[str, float] | None = None, progress: bool = False,
-                     console=None) -> dict[str, dict[str, float]]:
+                     console=None, extended: bool = True, learned: bool = True,
+                     anonymeter: bool = False, anonymeter_python: str | Path | None = None,
+                     anonymeter_attacks: int = 2000, details: dict | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Score every cohort against one :class:`app.metrics.Reference`. A ``<s> (model alone)``
     cohort is folded into row ``s`` as ``validity_model_alone``; the floor and baseline, which
-    have no mask, report their validity there too."""
+    have no mask, report their validity there too.
+
+    ``extended`` adds the newer metrics (:func:`app.metrics_extended.extended_metrics`;
+    ``learned=False`` leaves out the scikit-learn ones) and each R2's share of the
+    baseline-to-floor gap; ``anonymeter`` adds the Anonymeter risks
+    (:func:`training.anonymeter_audit.run_audit`). What is not a number per row (strata, the
+    utility task, the audit's status) goes into ``details`` when given."""
     reference = Reference.build(test, train, seed=seed, mia_size=mia_size)
+    details = details if details is not None else {}
+    extra_ref = None
+    if extended:
+        if progress and console is not None:
+            console.log("building the references of the extended metrics")
+        extra_ref = ExtendedReference.build(test, train, seed=seed, learned=learned)
+        details["utility_task"] = {
+            "category": extra_ref.utility_category, "train_share": extra_ref.utility_share,
+            "definition": "carries any code of this 3-character category (any visit), "
+                          "from age, sex and the other codes"}
+        details["tail_codes"] = len(extra_ref.tail)
+        details["strata"] = {}
+        details["stratum_worst"] = {}
     rows: dict[str, dict[str, float]] = {}
     alone: dict[str, float] = {}
     for name, patients in cohorts.items():
@@ -161,6 +210,11 @@ def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pa
             alone[name[:-len(MODEL_ALONE_SUFFIX)]] = row["validity"]
             continue
         rows[name] = evaluate_cohort(patients, reference=reference)
+        if extra_ref is not None:
+            numbers, detail = extended_metrics(patients, extra_ref)
+            rows[name].update(numbers)
+            details["strata"][name] = detail["strata"]
+            details["stratum_worst"][name] = detail["stratum_worst"]
         if timings and name in timings:
             rows[name]["generation_seconds"] = float(timings[name])
     for name, row in rows.items():
@@ -168,6 +222,19 @@ def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pa
             row["validity_model_alone"] = alone[name]
         elif name in (FLOOR, BASELINE):
             row["validity_model_alone"] = row["validity"]
+    if extended:
+        add_gap_shares(rows, FLOOR, BASELINE)
+    if anonymeter:
+        from training.anonymeter_audit import run_audit
+
+        if progress and console is not None:
+            console.log("Anonymeter audit")
+        main = {n: c for n, c in cohorts.items() if not n.endswith(MODEL_ALONE_SUFFIX)}
+        risks, status = run_audit(main, train, test, n_attacks=anonymeter_attacks, seed=seed,
+                                  python=anonymeter_python)
+        for name, values in risks.items():
+            rows[name].update(values)
+        details["anonymeter"] = {"status": status, "n_attacks": anonymeter_attacks}
     return rows
 
 
@@ -175,6 +242,7 @@ def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pa
 class ProtocolResult:
     rows: dict[str, dict[str, float]]
     cohorts: dict[str, list[Patient]]
+    details: dict = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -184,37 +252,53 @@ def run_protocol(test: Sequence[Patient], train: Sequence[Patient], *,
                  out_dir: str | Path | None = None, meta: Mapping | None = None, seed: int = 0,
                  model_alone: Sequence[str] = ("plain",), mia_size: int | None = None,
                  chunk_size: int = 256, console=None, progress: bool = True,
-                 show_table: bool = True) -> ProtocolResult:
+                 show_table: bool = True, targets: str = "relative", extended: bool = True,
+                 learned: bool = True, anonymeter: bool = False,
+                 anonymeter_python: str | Path | None = None,
+                 anonymeter_attacks: int = 2000) -> ProtocolResult:
     """The whole protocol: cohorts (:func:`protocol_cohorts`), rows
     (:func:`evaluate_cohorts`), the terminal table and, with ``out_dir``, ``report.json``,
     ``report.html`` and ``report.md``. ``meta`` names the source (``source``; a
     ``source_citation`` is filled in for known sources) and whatever the caller wants
-    recorded (bundle, split sizes, ...)."""
+    recorded (bundle, split sizes, ...). ``targets`` names a profile of
+    :data:`app.metrics.TARGET_PROFILES` (``relative``: judged against the run's floor and
+    baseline; ``uci``: UCI's absolute numbers). The other flags go to
+    :func:`evaluate_cohorts`."""
     from rich.console import Console
 
+    if targets not in TARGET_PROFILES:
+        raise ValueError(f"unknown target profile {targets!r}; choose from "
+                         + ", ".join(TARGET_PROFILES))
+    profile = TARGET_PROFILES[targets]
     console = console or Console()
     started = time.perf_counter()
     timings: dict[str, float] = {}
     cohorts = protocol_cohorts(test, train, generate_fn, strategies, seed,
                                model_alone=model_alone, chunk_size=chunk_size,
                                progress=progress, console=console, timings=timings)
+    details: dict = {}
     rows = evaluate_cohorts(cohorts, test, train, seed=seed, mia_size=mia_size,
-                            timings=timings, progress=progress, console=console)
+                            timings=timings, progress=progress, console=console,
+                            extended=extended, learned=learned, anonymeter=anonymeter,
+                            anonymeter_python=anonymeter_python,
+                            anonymeter_attacks=anonymeter_attacks, details=details)
     meta = dict(meta or {})
     source = meta.get("source")
     if source in SOURCE_CITATIONS:
         meta.setdefault("source_citation", SOURCE_CITATIONS[source])
     meta.setdefault("strategies", ", ".join(strategies) if strategies else "(none)")
     meta.setdefault("seed", seed)
+    meta.setdefault("targets", targets)
     meta.setdefault("split_sizes", {"train": len(train), "test": len(test)})
     if show_table:
         title = f"evaluation on {source or 'test split'} ({len(test):,} test patients)"
-        print_table(rows, console=console, title=title)
-    result = ProtocolResult(rows=rows, cohorts=cohorts)
+        print_table(rows, console=console, title=title, targets=profile)
+    result = ProtocolResult(rows=rows, cohorts=cohorts, details=details)
     if out_dir is not None:
         main = {n: c for n, c in cohorts.items() if not n.endswith(MODEL_ALONE_SUFFIX)}
         meta["seconds"] = round(time.perf_counter() - started, 1)
-        result.paths = write_report(out_dir, rows, main, test, train, meta)
+        result.paths = write_report(out_dir, rows, main, test, train, meta, targets=profile,
+                                    details=details)
         if show_table:
             console.print(f"report: {result.paths['html']}")
     result.seconds = time.perf_counter() - started

@@ -24,12 +24,31 @@ import numpy as np
 from app.corpus import AGE_BINS, Patient
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import CHAPTERS, chapter_of
-from app.metrics import (PROTOCOL_TARGETS, Target, aligned_prevalence, check_targets,
-                         code_counts, jsd_from_counts, r2_score)
+from app.metrics import (
+    RELATIVE_TARGETS,
+    Target,
+    aligned_prevalence,
+    check_targets,
+    code_counts,
+    jsd_from_counts,
+    r2_score,
+)
 
-__all__ = ["FLOOR", "BASELINE", "REFERENCE_LABELS", "MetricSpec", "METRICS", "FORMAT",
-           "row_order", "format_value", "print_table", "markdown_table", "report_json",
-           "render_html", "write_report"]
+__all__ = [
+    "BASELINE",
+    "FLOOR",
+    "FORMAT",
+    "METRICS",
+    "REFERENCE_LABELS",
+    "MetricSpec",
+    "format_value",
+    "markdown_table",
+    "print_table",
+    "render_html",
+    "report_json",
+    "row_order",
+    "write_report",
+]
 
 FORMAT = "synthehr-report-1"
 FLOOR, BASELINE = "floor", "baseline"
@@ -57,6 +76,38 @@ METRICS: tuple[MetricSpec, ...] = (
                "R2 of per-visit unordered-pair prevalence, union of pairs"),
     MetricSpec("cooccurrence_score", "co-occurrence score", "f1", "fidelity",
                "mean over visits of the summed test-split counts of the visit's pairs"),
+    MetricSpec("unigram_r2_gap_closed", "unigram R2: share of gap closed", "pct", "fidelity",
+               "(value - baseline) / (floor - baseline); 100% = at the floor"),
+    MetricSpec("bigram_r2_gap_closed", "bigram R2: share of gap closed", "pct", "fidelity",
+               "(value - baseline) / (floor - baseline); 100% = at the floor"),
+    MetricSpec("sequential_r2", "sequential R2", "f3", "sequence",
+               "R2 of P(code b in visit t+1 | code a in visit t), codes a with >= 50 real "
+               "transitions"),
+    MetricSpec("sequential_r2_gap_closed", "sequential R2: share of gap closed", "pct",
+               "sequence", "(value - baseline) / (floor - baseline)"),
+    MetricSpec("tail_jsd", "long-tail JSD", "f4", "long tail",
+               "JSD over codes below the median training frequency"),
+    MetricSpec("tail_unigram_r2", "long-tail unigram R2", "f3", "long tail",
+               "per-visit prevalence R2 over codes below the median training frequency"),
+    MetricSpec("tail_distinct_codes", "long-tail codes generated", "int", "long tail",
+               "distinct tail codes in the cohort"),
+    MetricSpec("tail_distinct_codes_test", "long-tail codes in real test", "int", "long tail",
+               "reference"),
+    MetricSpec("distinct_codes_test", "distinct codes in real test", "int", "long tail",
+               "reference"),
+    MetricSpec("stratum_jsd_worst", "worst age band x sex JSD", "f4", "strata",
+               "largest within-stratum JSD (strata with >= 30 patients on both sides)"),
+    MetricSpec("stratum_unigram_r2_worst", "worst age band x sex unigram R2", "f3", "strata",
+               "smallest within-stratum unigram R2"),
+    MetricSpec("stratum_jsd_mean", "mean age band x sex JSD", "f4", "strata",
+               "weighted by real test patients"),
+    MetricSpec("detection_auc", "detection AUC", "f3", "detection and utility",
+               "5-fold logistic regression telling the cohort from real test patients; "
+               "0.5 = cannot"),
+    MetricSpec("tstr_auroc", "utility AUROC (train on cohort)", "f3", "detection and utility",
+               "task trained on the cohort, tested on real test"),
+    MetricSpec("tstr_auroc_real", "utility AUROC (train on real)", "f3",
+               "detection and utility", "the same task trained on real training patients"),
     MetricSpec("ks_visits_per_patient", "KS visits/patient", "f3", "structure",
                "two-sample KS statistic vs test"),
     MetricSpec("ks_codes_per_visit", "KS codes/visit", "f3", "structure",
@@ -82,6 +133,16 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("dcr_test_mean", "DCR mean, real test", "f3", "privacy", "reference"),
     MetricSpec("mia_auc", "membership-inference AUC", "f3", "privacy",
                "nearest-synthetic-neighbour attack, train members vs test non-members"),
+    MetricSpec("attr_inference_f1", "attribute inference F1", "f3", "privacy",
+               "nearest-record attack on training patients' mental-disorder codes"),
+    MetricSpec("attr_inference_f1_holdout", "attribute inference F1, real holdout", "f3",
+               "privacy", "the same attack with the real test split released: the reference"),
+    MetricSpec("anonymeter_singling_out", "Anonymeter singling-out risk", "f3", "privacy",
+               "univariate singling out, test split as control"),
+    MetricSpec("anonymeter_linkability", "Anonymeter linkability risk", "f3", "privacy",
+               "two halves of the flattened columns linked, 10 neighbours"),
+    MetricSpec("anonymeter_inference", "Anonymeter inference risk", "f3", "privacy",
+               "inference of the chapter flag nearest 50% prevalence from the other columns"),
     MetricSpec("generation_seconds", "generation time (s)", "f1", "size",
                "wall-clock seconds to generate the cohort"),
     MetricSpec("n_patients", "patients", "int", "size", ""),
@@ -89,10 +150,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("distinct_codes", "distinct codes", "int", "size", ""),
 )
 
-# The columns of the README table.
+# The columns of the README tables.
 README_METRICS = ("jsd", "top100_overlap", "unigram_r2", "bigram_r2", "cooccurrence_score",
                   "ks_codes_per_visit", "validity", "validity_model_alone", "well_formed",
                   "exact_copy_rate", "dcr_mean", "mia_auc")
+README_METRICS_2 = ("sequential_r2", "tail_jsd", "tail_unigram_r2", "tail_distinct_codes",
+                    "stratum_jsd_worst", "detection_auc", "tstr_auroc", "tstr_auroc_real",
+                    "attr_inference_f1", "attr_inference_f1_holdout",
+                    "anonymeter_singling_out", "anonymeter_linkability",
+                    "anonymeter_inference")
 
 
 def _label(name: str) -> str:
@@ -125,6 +191,29 @@ def _targets_by_metric(targets: Sequence[Target]) -> dict[str, Target]:
     return {t.metric: t for t in targets}
 
 
+def references(rows: Mapping[str, Mapping[str, float]]) -> dict[str, Mapping[str, float]]:
+    """The run's floor and baseline rows, which reference-relative targets compare with."""
+    return {n: rows[n] for n in (FLOOR, BASELINE) if n in rows}
+
+
+def row_checks(rows: Mapping[str, Mapping[str, float]], targets: Sequence[Target]
+               ) -> dict[str, dict[str, bool | None]]:
+    """Cohort -> metric -> pass/fail/None, every row judged against the same references."""
+    refs = references(rows)
+    return {n: check_targets(rows[n], targets, refs) for n in row_order(rows)}
+
+
+def target_text(target: Target, rows: Mapping[str, Mapping[str, float]]) -> str:
+    """The target's rule, with the number it works out to in this run where that number is
+    the same for every row (reference-relative kinds)."""
+    text = target.describe()
+    if target.kind != "absolute":
+        bound = target.bound({}, references(rows))
+        if bound is not None:
+            text += f" (= {bound:.4g})"
+    return text
+
+
 def _present(specs: Sequence[MetricSpec], rows: Mapping[str, Mapping]) -> list[MetricSpec]:
     return [s for s in specs if any(_finite(r.get(s.key)) for r in rows.values())]
 
@@ -132,7 +221,7 @@ def _present(specs: Sequence[MetricSpec], rows: Mapping[str, Mapping]) -> list[M
 # -- terminal and markdown ---------------------------------------------------------------------
 
 def print_table(rows: Mapping[str, Mapping[str, float]], console=None, title: str | None = None,
-                targets: Sequence[Target] = PROTOCOL_TARGETS) -> None:
+                targets: Sequence[Target] = RELATIVE_TARGETS) -> None:
     """The report as a rich table: metrics down, cohorts across, a target column; a value
     meeting its target is green, one missing it red (references included, for context)."""
     from rich.console import Console
@@ -147,7 +236,7 @@ def print_table(rows: Mapping[str, Mapping[str, float]], console=None, title: st
         table.add_column(_label(name), justify="right",
                          style="dim" if name in REFERENCE_LABELS else None)
     table.add_column("target", justify="right")
-    checks = {name: check_targets(rows[name], targets) for name in order}
+    checks = row_checks(rows, targets)
     group = None
     for spec in _present(METRICS, rows):
         if group is not None and spec.group != group:
@@ -163,23 +252,24 @@ def print_table(rows: Mapping[str, Mapping[str, float]], console=None, title: st
                 text = f"[red]{text} ✗[/]"
             cells.append(text)
         target = by_metric.get(spec.key)
-        table.add_row(spec.label, *cells, target.describe() if target else "")
+        table.add_row(spec.label, *cells, target_text(target, rows) if target else "")
     console.print(table)
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, float]],
                    metrics: Sequence[str] = README_METRICS,
-                   targets: Sequence[Target] = PROTOCOL_TARGETS) -> str:
+                   targets: Sequence[Target] = RELATIVE_TARGETS) -> str:
     """The README table: one line per cohort, the headline metrics across, a target line; a
     value missing its target is marked with a trailing ``✗``."""
     specs = {s.key: s for s in METRICS}
     keys = [k for k in metrics if k in specs
             and any(_finite(r.get(k)) for r in rows.values())]
     by_metric = _targets_by_metric(targets)
+    checks_by_row = row_checks(rows, targets)
     header = "| cohort | " + " | ".join(specs[k].label for k in keys) + " |"
     lines = [header, "| --- |" + " ---: |" * len(keys)]
     for name in row_order(rows):
-        checks = check_targets(rows[name], targets)
+        checks = checks_by_row[name]
         cells = []
         for k in keys:
             text = format_value(rows[name].get(k), specs[k].fmt)
@@ -188,7 +278,7 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]],
             cells.append(text)
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     lines.append("| target | " + " | ".join(
-        by_metric[k].describe() if k in by_metric else "" for k in keys) + " |")
+        target_text(by_metric[k], rows) if k in by_metric else "" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,9 +299,12 @@ def _clean(value):
 
 
 def report_json(rows: Mapping[str, Mapping[str, float]], meta: Mapping,
-                targets: Sequence[Target] = PROTOCOL_TARGETS) -> dict:
-    """The JSON document: format, meta, row order, rows, targets, per-row pass/fail, metric
-    definitions. NaN becomes null."""
+                targets: Sequence[Target] = RELATIVE_TARGETS,
+                details: Mapping | None = None) -> dict:
+    """The JSON document: format, meta, row order, rows, targets (with the bound each works
+    out to in this run where it is the same for every row), per-row pass/fail, details (strata,
+    utility task, Anonymeter status), metric definitions. NaN becomes null."""
+    refs = references(rows)
     order = row_order(rows)
     return _clean({
         "format": FORMAT,
@@ -219,9 +312,12 @@ def report_json(rows: Mapping[str, Mapping[str, float]], meta: Mapping,
         "order": order,
         "reference_rows": [n for n in order if n in REFERENCE_LABELS],
         "rows": {n: dict(rows[n]) for n in order},
-        "targets": [{"metric": t.metric, "op": t.op, "value": t.value,
-                     "relative_to": t.relative_to, "label": t.describe()} for t in targets],
-        "checks": {n: check_targets(rows[n], targets) for n in order},
+        "targets": [{"metric": t.metric, "op": t.op, "value": t.value, "kind": t.kind,
+                     "relative_to": t.relative_to, "slack": t.slack, "label": t.describe(),
+                     "bound": t.bound({}, refs) if t.kind != "absolute" else
+                     (t.value if t.relative_to is None else None)} for t in targets],
+        "checks": row_checks(rows, targets),
+        "details": dict(details or {}),
         "definitions": {s.key: s.help for s in METRICS if s.help},
     })
 
@@ -462,6 +558,61 @@ def plot_age_sex(breakdown: dict, names: Sequence[str]) -> str:
     return _png(fig)
 
 
+def plot_sequential(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
+                    min_support: int = 50) -> str:
+    """Real vs cohort P(code b in visit t+1 | code a in visit t) for the conditioning codes
+    with enough real support (the sequential R2's points), one panel per cohort."""
+    from app.metrics_breakdown import conditional_probabilities
+
+    plt = _pyplot()
+    names = list(cohorts)
+    n_rows, n_cols = _grid(len(names))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows),
+                             squeeze=False)
+    colors = _colors(names)
+    for ax, name in zip(axes.flat, names):
+        p_real, p_syn = conditional_probabilities(test, cohorts[name], min_support)
+        support = (p_real + p_syn).tocoo()
+        y = yhat = np.zeros(0)
+        if support.nnz:
+            y = np.asarray(p_real[support.row, support.col], dtype=float).ravel()
+            yhat = np.asarray(p_syn[support.row, support.col], dtype=float).ravel()
+        ax.scatter(y, yhat, s=4, alpha=0.4, color=colors[name], rasterized=True, linewidths=0)
+        ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
+        r2 = r2_score(y, yhat) if y.size else float("nan")
+        ax.set_title(f"{_label(name)}\nR2 {r2:.3f} over {y.size:,} (a, b)", fontsize=9)
+        ax.set_xlabel("real test P(b in next visit | a)", fontsize=8)
+        ax.set_ylabel("cohort", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_strata(strata: Mapping[str, Sequence[Mapping]], names: Sequence[str]) -> str:
+    """Within-stratum JSD (age band x sex) of each cohort vs real test; blank where a side has
+    fewer than 30 patients."""
+    plt = _pyplot()
+    colors = _colors(list(names))
+    labels = sorted({s["stratum"] for n in names for s in strata.get(n, [])},
+                    key=lambda x: (int(x.split("-")[0].split("+")[0]), x))
+    pos = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        by = {s["stratum"]: s["jsd"] for s in strata.get(name, [])}
+        values = np.array([by.get(lab, float("nan")) for lab in labels], dtype=float)
+        ax.bar(pos + j * width - 0.4 + width / 2, np.nan_to_num(values), width=width,
+               color=colors[name], label=_label(name))
+    ax.set_xticks(pos)
+    ax.set_xticklabels(labels, rotation=30, fontsize=8)
+    ax.set_ylabel("JSD vs real test, within stratum")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # -- html --------------------------------------------------------------------------------------
 
 _CSS = """
@@ -485,7 +636,7 @@ def _metrics_table_html(rows: Mapping[str, Mapping[str, float]],
                         targets: Sequence[Target]) -> str:
     order = row_order(rows)
     by_metric = _targets_by_metric(targets)
-    checks = {n: check_targets(rows[n], targets) for n in order}
+    checks = row_checks(rows, targets)
     out = ["<table><thead><tr><th>metric</th>"]
     for name in order:
         cls = ' class="ref"' if name in REFERENCE_LABELS else ""
@@ -512,7 +663,102 @@ def _metrics_table_html(rows: Mapping[str, Mapping[str, float]],
             value = format_value(rows[name].get(spec.key), spec.fmt)
             out.append(f'<td class="{" ".join(classes)}">{html.escape(value + mark)}</td>')
         target = by_metric.get(spec.key)
-        out.append(f"<td>{html.escape(target.describe()) if target else ''}</td></tr>")
+        out.append(f"<td>{html.escape(target_text(target, rows)) if target else ''}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def verdict_html(rows: Mapping[str, Mapping[str, float]], targets: Sequence[Target]) -> str:
+    """The one-screen verdict: per target, each cohort's value marked met or not, with the
+    floor and baseline beside it, and a count of targets met per strategy."""
+    order = row_order(rows)
+    strategies = [n for n in order if n not in REFERENCE_LABELS]
+    checks = row_checks(rows, targets)
+    specs = {s.key: s for s in METRICS}
+    measured = [t for t in targets if any(_finite(rows[n].get(t.metric)) for n in order)]
+    lines = []
+    for name in strategies:
+        results = [checks[name].get(t.metric) for t in measured]
+        met = sum(r is True for r in results)
+        known = sum(r is not None for r in results)
+        lines.append(f"<li><b>{html.escape(name)}</b>: {met} of {known} measured targets met"
+                     + ("" if met == known else ": misses " + html.escape(", ".join(
+                         specs[t.metric].label if t.metric in specs else t.metric
+                         for t, r in zip(measured, results) if r is False)))
+                     + "</li>")
+    out = ['<section id="verdict"><h2>Verdict</h2>']
+    if lines:
+        out.append("<ul>" + "".join(lines) + "</ul>")
+    out.append("<table><thead><tr><th>metric</th><th>target</th>")
+    for name in order:
+        cls = ' class="ref"' if name in REFERENCE_LABELS else ""
+        out.append(f"<th{cls}>{html.escape(_label(name))}</th>")
+    out.append("</tr></thead><tbody>")
+    for t in measured:
+        spec = specs.get(t.metric)
+        label = spec.label if spec else t.metric
+        out.append(f"<tr><td>{html.escape(label)}</td>"
+                   f"<td>{html.escape(target_text(t, rows))}</td>")
+        for name in order:
+            ok = checks[name].get(t.metric)
+            classes = ["num"] + (["pass"] if ok is True else ["fail"] if ok is False else [])
+            if name in REFERENCE_LABELS:
+                classes.append("ref")
+            mark = " ✓" if ok is True else (" ✗" if ok is False else "")
+            value = format_value(rows[name].get(t.metric), spec.fmt if spec else "f3")
+            out.append(f'<td class="{" ".join(classes)}">{html.escape(value + mark)}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table></section>")
+    return "".join(out)
+
+
+def anonymeter_html(rows: Mapping[str, Mapping[str, float]], status: str = "") -> str:
+    """Each cohort's three Anonymeter risks with their 95% confidence intervals."""
+    order = row_order(rows)
+    risks = ("singling_out", "linkability", "inference")
+    out = ["<table><thead><tr><th>cohort</th>"]
+    out += [f"<th>{r.replace('_', ' ')} risk [95% CI]</th>" for r in risks]
+    out.append("</tr></thead><tbody>")
+    for name in order:
+        cells = []
+        for r in risks:
+            row = rows[name]
+            value = row.get(f"anonymeter_{r}")
+            if not _finite(value):
+                cells.append("<td>-</td>")
+                continue
+            low, high = row.get(f"anonymeter_{r}_ci_low"), row.get(f"anonymeter_{r}_ci_high")
+            cells.append(f'<td class="num">{value:.3f} [{low:.3f}, {high:.3f}]</td>')
+        out.append(f"<tr><td>{html.escape(_label(name))}</td>{''.join(cells)}</tr>")
+    out.append("</tbody></table>")
+    if status:
+        out.append(f"<p class='small'>{html.escape(status)}</p>")
+    return "".join(out)
+
+
+def strata_html(strata: Mapping[str, Sequence[Mapping]], order: Sequence[str],
+                worst: Mapping[str, str]) -> str:
+    """Per stratum: real test patients and each cohort's within-stratum JSD (worst bold)."""
+    labels = []
+    for name in order:
+        for s in strata.get(name, []):
+            if s["stratum"] not in labels:
+                labels.append(s["stratum"])
+    out = ["<table><thead><tr><th>age band x sex</th><th>real test patients</th>"]
+    out += [f"<th>{html.escape(_label(n))} JSD</th>" for n in order]
+    out.append("</tr></thead><tbody>")
+    for label in labels:
+        n_real = next((s["n_real"] for n in order for s in strata.get(n, [])
+                       if s["stratum"] == label), 0)
+        cells = []
+        for name in order:
+            by = {s["stratum"]: s for s in strata.get(name, [])}
+            value = format_value(by.get(label, {}).get("jsd"), "f4")
+            if worst.get(name) == label:
+                value = f"<b>{value}</b>"
+            cells.append(f'<td class="num">{value}</td>')
+        out.append(f"<tr><td>{html.escape(label)}</td><td class='num'>{n_real:,}</td>"
+                   f"{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -530,8 +776,11 @@ def _meta_html(meta: Mapping) -> str:
 
 def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, Sequence[Patient]],
                 test: Sequence[Patient], meta: Mapping,
-                targets: Sequence[Target] = PROTOCOL_TARGETS) -> str:
-    """The self-contained HTML report (inline CSS, inline base64 PNG figures)."""
+                targets: Sequence[Target] = RELATIVE_TARGETS,
+                details: Mapping | None = None) -> str:
+    """The self-contained HTML report (inline CSS, inline base64 PNG figures), opening with
+    the verdict (:func:`verdict_html`)."""
+    details = details or {}
     order = [n for n in row_order(rows) if n in cohorts]
     ordered = {n: cohorts[n] for n in order}
     source = str(meta.get("source", "unknown source"))
@@ -556,7 +805,17 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
               "the test patients; the floor and baseline are not). Right: how well codes follow "
               "demographics: JSD vs the real test patients of the same group."),
              plot_age_sex(breakdown, order)),
+            ("Sequential fidelity",
+             ("P(code b in visit t+1 | code a in visit t), real test (x) vs cohort (y), for "
+              "codes a with at least 50 real transitions: the sequential R2 compares these."),
+             plot_sequential(ordered, test)),
         ]
+        if details.get("strata"):
+            figures.append((
+                "Strata (age band x sex)",
+                ("Within-stratum JSD of code frequencies vs the real test patients of the "
+                 "same age band and sex (blank: fewer than 30 patients on a side)."),
+                plot_strata(details["strata"], order)))
     created = meta.get("created", datetime.now(UTC).isoformat(timespec="seconds"))
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -567,6 +826,7 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
         + (f" &mdash; {html.escape(str(meta['source_citation']))}"
            if meta.get("source_citation") else "")
         + f". Created {html.escape(str(created))}.</p>",
+        verdict_html(rows, targets),
         ("<p class='small'>Protocol (DESIGN.md, Evaluation protocol): as many patients as the "
         "test split, conditioned one-to-one on its patients' age and sex, compared with the "
         "test split; privacy against the training split. <i>floor</i>: an equal-sized sample "
@@ -578,8 +838,25 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
          "metric for its definition; exact definitions are in <code>app/metrics.py</code>."
          "</p>"),
         "<h2>Metrics</h2>", _metrics_table_html(rows, targets),
-        "<h2>Run</h2>", _meta_html(meta),
     ]
+    if details.get("utility_task", {}).get("category"):
+        task = details["utility_task"]
+        parts.append(f"<p class='small'>Utility task: does the patient carry a code of "
+                     f"category {html.escape(str(task['category']))} "
+                     f"({100 * task['train_share']:.1f}% of training patients), from age, sex "
+                     "and the other codes; logistic regression trained on each cohort, AUROC "
+                     "on real test.</p>")
+    if details.get("strata"):
+        parts += ["<h2>Strata</h2>", strata_html(details["strata"], order,
+                                                 details.get("stratum_worst", {}))]
+    if "anonymeter" in details:
+        parts += ["<h2>Anonymeter audit</h2>",
+                  ("<p class='small'>Original: training patients; control: real test split; "
+                   "each patient flattened to age, sex, visit count and one indicator per "
+                   "ICD-9-CM chapter (training/anonymeter_audit.py). Risks are Anonymeter's "
+                   "point estimates with 95% confidence intervals.</p>"),
+                  anonymeter_html(rows, str(details["anonymeter"].get("status", "")))]
+    parts += ["<h2>Run</h2>", _meta_html(meta)]
     for title, caption, png in figures:
         parts.append(f"<h2>{html.escape(title)}</h2><figure>"
                      f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
@@ -591,7 +868,8 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
 def write_report(out_dir: str | Path, rows: Mapping[str, Mapping[str, float]],
                  cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
                  train: Sequence[Patient] | None = None, meta: Mapping | None = None,
-                 targets: Sequence[Target] = PROTOCOL_TARGETS) -> dict[str, Path]:
+                 targets: Sequence[Target] = RELATIVE_TARGETS,
+                 details: Mapping | None = None) -> dict[str, Path]:
     """Write ``report.json``, ``report.html`` and ``report.md`` (the README table) into
     ``out_dir``; returns their paths by kind (``json``, ``html``, ``md``).
 
@@ -607,11 +885,15 @@ def write_report(out_dir: str | Path, rows: Mapping[str, Mapping[str, float]],
         sizes["train"] = len(train)
     meta.setdefault("split_sizes", sizes)
     paths = {"json": out / "report.json", "html": out / "report.html", "md": out / "report.md"}
-    paths["json"].write_text(json.dumps(report_json(rows, meta, targets), indent=2) + "\n")
-    paths["html"].write_text(render_html(rows, cohorts, test, meta, targets), encoding="utf-8")
+    paths["json"].write_text(json.dumps(report_json(rows, meta, targets, details), indent=2)
+                             + "\n")
+    paths["html"].write_text(render_html(rows, cohorts, test, meta, targets, details),
+                             encoding="utf-8")
     source = meta.get("source", "unknown source")
     citation = f" ({meta['source_citation']})" if meta.get("source_citation") else ""
     paths["md"].write_text(f"Evaluation on {source}{citation}, test split "
                            f"({len(test):,} patients), protocol of DESIGN.md.\n\n"
-                           + markdown_table(rows, targets=targets), encoding="utf-8")
+                           + markdown_table(rows, targets=targets) + "\n"
+                           + markdown_table(rows, README_METRICS_2, targets=targets),
+                           encoding="utf-8")
     return paths

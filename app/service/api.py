@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
 from prometheus_client import (
@@ -58,7 +58,7 @@ from app.decoding.errors import (
 from app.decoding.params import work_of
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
-from app.service import exports
+from app.service import cohort_report, exports
 from app.service.batcher import MicroBatcher
 from app.service.jobs import (
     iter_result,
@@ -727,6 +727,24 @@ def create_app(settings: Settings | None = None, *, generator=None,
         return StreamingResponse(body, media_type=exports.MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="{name}"',
             "ETag": f'"{job_id}-{format}"'})
+
+    @v1.get("/cohorts/{job_id}/report", tags=["cohorts"],
+            summary="A finished cohort compared with the training split's aggregates",
+            response_class=HTMLResponse,
+            responses={200: {"description": "HTML page (inline SVG charts), or JSON with "
+                                            "`Accept: application/json`",
+                             "content": {"text/html": {}, "application/json": {}}},
+                       404: {"description": "Unknown job"},
+                       409: {"description": "The job is not done"},
+                       503: {"description": "No model, or no training-split statistics"}})
+    def get_report(job_id: JobId, request: Request) -> Any:
+        record = get_record(job_id)
+        if record["status"] != "done":
+            return JSONResponse(status_code=409, content={
+                "detail": f"job {job_id} is {record['status']}, not done"})
+        return cohort_report.respond(job_id, record, ready_generator(),
+                                     iter_result(store, record),
+                                     request.headers.get("accept", ""))
 
     @v1.get("/models", response_model=ModelInfo, tags=["model"],
             summary="The loaded bundles' manifests and evaluation summaries (default first)")
