@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from app.corpus import Patient
 from app.vocab import Vocabulary
 
-__all__ = ["visit_incidence", "build_cooccurrence", "save_cooccurrence", "load_cooccurrence"]
+__all__ = ["build_cooccurrence", "load_cooccurrence", "save_cooccurrence", "visit_incidence"]
 
 
 def visit_incidence(patients: Iterable[Patient], vocab: Vocabulary) -> sp.csr_matrix:

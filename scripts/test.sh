@@ -20,4 +20,7 @@ if command -v redis-cli >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/de
         for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
     fi
 fi
+# Lint and the import contracts (pyproject.toml) fail the run before any test does.
+.venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -q "$@"

@@ -10,15 +10,38 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from app.corpus import Patient
-from app.metrics import (PROTOCOL_TARGETS, CodeIndex, bigram_r2, check_targets, code_jsd,
-                         cooccurrence_score, dcr_summary, distance_to_closest_record,
-                         evaluate_cohort, exact_copy_rate, independent_marginals_sampler,
-                         invalid_codes, jsd_from_counts, ks_codes_per_visit,
-                         ks_visits_per_patient, membership_inference_auc,
-                         nearest_jaccard_distance, pair_counts, patient_matrix, rank_auc,
-                         real_floor_sample, top_k_codes, top_k_overlap, unigram_r2, validity,
-                         visit_matrix, well_formed_patient, well_formed_rate,
-                         well_formed_token_rate, well_formed_tokens)
+from app.metrics import (
+    PROTOCOL_TARGETS,
+    CodeIndex,
+    bigram_r2,
+    check_targets,
+    code_jsd,
+    cooccurrence_score,
+    dcr_summary,
+    distance_to_closest_record,
+    evaluate_cohort,
+    exact_copy_rate,
+    independent_marginals_sampler,
+    invalid_codes,
+    jsd_from_counts,
+    ks_codes_per_visit,
+    ks_visits_per_patient,
+    membership_inference_auc,
+    nearest_jaccard_distance,
+    pair_counts,
+    patient_matrix,
+    rank_auc,
+    real_floor_sample,
+    top_k_codes,
+    top_k_overlap,
+    unigram_r2,
+    validity,
+    visit_matrix,
+    well_formed_patient,
+    well_formed_rate,
+    well_formed_token_rate,
+    well_formed_tokens,
+)
 
 
 def P(pid: str, *visits: tuple[str, ...], age: float = 60.0, sex: str = "F") -> Patient:

@@ -154,7 +154,7 @@ def test_engine_from_a_trained_bundle_runs_every_strategy(tmp_path) -> None:
 def test_int8_decoders_run_close_to_fp32(exported, tmp_path) -> None:
     from app.decoding.onnx_model import INT8_GRAPHS
 
-    vocab, model, directory, _ = exported
+    vocab, model, _, _ = exported
     written = export_onnx(model, tmp_path, quantize=True)
     assert written == [*GRAPHS, *INT8_GRAPHS.values()]
     fp32, int8 = OnnxStepModel(tmp_path), OnnxStepModel(tmp_path, quantize=True)

@@ -13,7 +13,7 @@ from importlib import resources
 
 from app.icd9.codes import InvalidCodeError, category_of, normalize_code
 
-__all__ = ["Chapter", "CHAPTERS", "CodeInfo", "Hierarchy", "chapter_of", "load_hierarchy"]
+__all__ = ["CHAPTERS", "Chapter", "CodeInfo", "Hierarchy", "chapter_of", "load_hierarchy"]
 
 
 @dataclass(frozen=True)
