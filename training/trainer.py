@@ -280,8 +280,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         fidelity = None
         if tc.monitor == "fidelity":
             engine = sample_engine(model, vocab, **limits)
-            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED,
-                                           min_generated=tc.fidelity_patients)
+            fidelity = validation_fidelity(
+                engine, fid_real, seed=EVAL_SEED, min_generated=tc.fidelity_patients,
+                train=train_patients if tc.calibrate and not private else None)
             model.train()
             score = fidelity["score"]
         else:
@@ -291,7 +292,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         n_cal = tc.calibration_patients or len(split.val)
         n_fid = max(tc.fidelity_patients, len(fid_real))
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
-            4 * fidelity["seconds"] * n_cal / max(n_fid, 1)
+            4 * fidelity["sample_seconds"] * n_cal / max(n_fid, 1)
             if fidelity and tc.calibrate else 0.0)
         if higher_is_better:
             improved = not math.isfinite(best_score) or score > best_score + tc.min_delta
