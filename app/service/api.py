@@ -58,7 +58,14 @@ from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
 from app.service import exports
 from app.service.batcher import MicroBatcher
-from app.service.jobs import iter_result, job_id_for, new_record, status_of
+from app.service.jobs import (
+    iter_result,
+    job_id_for,
+    new_record,
+    result_available,
+    results_folder,
+    status_of,
+)
 from app.service.redact import redact_text
 from app.service.schemas import (
     CodeDetail,
@@ -207,7 +214,7 @@ class _Metrics:
                                 registry=self.registry)
         self.jobs = Counter("synthehr_cohort_jobs_total", "Cohort submissions",
                             ["outcome"], registry=self.registry)
-        self.queue = Gauge("synthehr_queue_length", "Cohort jobs waiting for a worker",
+        self.queue = Gauge("synthehr_queue_length", "Unfinished cohort jobs (queued or running)",
                            registry=self.registry)
         self.ready = Gauge("synthehr_ready", "1 when the bundle is loaded and the store is up",
                            registry=self.registry)
@@ -558,7 +565,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
         check_codes(gen, spec.must_include)
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
-                            settings.generation_batch)
+                            settings.generation_batch,
+                            results_folder(job_id, spec.size, settings.results_url,
+                                           settings.result_inline_max_patients))
         client = client_key(dict(request.scope.get("headers") or []),
                             request.scope.get("client"), settings.api_key)
         try:
@@ -645,7 +654,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 "status": status_of(record).model_dump()})
         # Every chunk must be there before the first byte goes out (a 200 cannot be taken back
         # mid-stream), and stay for the download: retain extends their expiry if it is close.
-        if not store.retain(job_id, int(record["n_chunks"]), settings.result_grace_s):
+        if not result_available(store, record, settings.result_grace_s):
             return JSONResponse(status_code=410, content={
                 "detail": f"the result of job {job_id} has expired or was lost by the store; "
                           "submit the cohort again to regenerate it"})
