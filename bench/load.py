@@ -230,8 +230,9 @@ def main() -> None:
 
     engine_pps = engine_throughput(args.bundle, args.engine_batch, args.engine_seconds)
     args.engine_pps = engine_pps
-    rows = [(f"engine alone, {args.engine_batch} patients per call", f"{engine_pps:.0f} "
-             "patients/s", "", "", f"in process, load avg {os.getloadavg()[0]:.1f}")]
+    rows = [(f"engine alone, {args.engine_batch} patients per call",
+             f"{engine_pps:.0f} patients/s", "", "",
+             f"in process, load avg {os.getloadavg()[0]:.1f}")]
     windows = [w.strip() for w in args.batch_window_ms.split(",") if w.strip()] or [None]
     for window in windows:
         extra = dict(e.split("=", 1) for e in args.env)
