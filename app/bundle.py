@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from app.cooccurrence import load_cooccurrence
 from app.corpus import Patient
+from app.dating import interval_stats
 from app.vocab import Vocabulary
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "REQUIRED_FILES",
     "Bundle",
     "BundleError",
+    "is_dp_bundle",
     "load_bundle",
     "load_train_index",
     "read_manifest",
@@ -89,11 +91,19 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def is_dp_bundle(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest records differential-privacy training."""
+    return bool((manifest.get("privacy") or {}).get("differential_privacy"))
+
+
 def verify_bundle(bundle_dir: str | Path, manifest: dict[str, Any] | None = None,
                   required: Iterable[str] = REQUIRED_FILES) -> dict[str, Any]:
-    """Check every listed file's SHA-256 and that the required files are listed."""
+    """Check every listed file's SHA-256 and that the required files are listed (a DP
+    bundle has no co-occurrence matrix by design)."""
     bundle_dir = Path(bundle_dir)
     manifest = manifest if manifest is not None else read_manifest(bundle_dir)
+    if is_dp_bundle(manifest):
+        required = [n for n in required if n != "cooccurrence.npz"]
     files: dict[str, str] = manifest["files"]
     for name in required:
         if name not in files:
@@ -120,7 +130,7 @@ class Bundle:
     manifest: dict[str, Any]
     model_config: dict[str, Any]
     vocab: Vocabulary
-    cooccurrence: sp.csr_matrix
+    cooccurrence: sp.csr_matrix | None  # None in a DP bundle
     reference_stats: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -157,7 +167,8 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(f"bundle {bundle_dir}: file {name} cannot be read: {err}") from err
 
     vocab = _load("vocab.json", Vocabulary.load)
-    cooc = _load("cooccurrence.npz", lambda p: load_cooccurrence(p, vocab))
+    cooc = _load("cooccurrence.npz", lambda p: load_cooccurrence(p, vocab)) \
+        if "cooccurrence.npz" in manifest["files"] or not is_dp_bundle(manifest) else None
     stats = _load("reference_stats.json", lambda p: json.loads(p.read_text()))
     config = _load("config.json", lambda p: json.loads(p.read_text()))
     return Bundle(bundle_dir, manifest, config, vocab, cooc, stats)
@@ -178,9 +189,16 @@ def _histogram(values: Iterable[int]) -> dict[str, int]:
 def reference_stats(patients: list[Patient], vocab: Vocabulary) -> dict[str, Any]:
     """Statistics of a split: code frequencies (visits containing each vocabulary code, in
     vocabulary order, plus per-category), codes-per-visit and visits-per-patient histograms,
-    age (by year, capped at 90) and sex distributions."""
-    n_visits = sum(len(p.visits) for p in patients)
-    code_counts: Counter[str] = Counter(c for p in patients for v in p.visits for c in v)
+    age (by year, capped at 90) and sex distributions, and the quantiles of lengths of stay and
+    inter-visit gaps (``visit_intervals``, :func:`app.dating.interval_stats`; a documented
+    default where the source has no visit times).
+
+    Only vocabulary codes count (codes removed by small-cell suppression appear nowhere);
+    visits left empty by that are not counted."""
+    visits = [[[c for c in v if c in vocab.index] for v in p.visits] for p in patients]
+    visits = [[v for v in pv if v] for pv in visits]
+    n_visits = sum(len(pv) for pv in visits)
+    code_counts: Counter[str] = Counter(c for pv in visits for v in pv for c in v)
     ages = np.array([p.age for p in patients], dtype=float)
     category_counts: Counter[str] = Counter()
     for code, n in code_counts.items():
@@ -192,10 +210,11 @@ def reference_stats(patients: list[Patient], vocab: Vocabulary) -> dict[str, Any
         "codes": vocab.codes,
         "code_visit_counts": [int(code_counts.get(c, 0)) for c in vocab.codes],
         "category_visit_counts": dict(sorted(category_counts.items())),
-        "codes_per_visit": _histogram(len(v) for p in patients for v in p.visits),
-        "visits_per_patient": _histogram(len(p.visits) for p in patients),
+        "codes_per_visit": _histogram(len(v) for pv in visits for v in pv),
+        "visits_per_patient": _histogram(len(pv) for pv in visits),
         "age_years": _histogram(int(min(a, 90)) for a in ages),
         "age_mean": float(ages.mean()) if ages.size else 0.0,
         "age_std": float(ages.std()) if ages.size else 0.0,
         "sex": {s: sum(1 for p in patients if p.sex == s) for s in ("F", "M")},
+        "visit_intervals": interval_stats(patients),
     }

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.corpus import Corpus, corpus_stats
+from app.corpus import Corpus, corpus_stats, length_stats
 
 app = typer.Typer(help="Synthetic EHR patients: data, training, evaluation and serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,9 +30,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def print_corpus_report(corpus: Corpus, title: str) -> None:
-    """The ``data stats`` report: raw counts, corpus summary, demographics and drops."""
+def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 256) -> None:
+    """The ``data stats`` report: raw counts, corpus summary, demographics, patient lengths
+    against ``max_positions`` and drops (with level and examples)."""
     stats = corpus_stats(corpus.patients)
+    lengths = length_stats(corpus.patients, max_positions)
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -50,15 +52,29 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
     ]
     rows += [(f"age {label}", f"{count:,}") for label, count in stats.age_bins.items()]
     rows += [(f"sex {sex}", f"{count:,}") for sex, count in stats.sex.items()]
+    # Token length of a patient: 2 + sum over visits of (codes + 2) (app.corpus.token_length).
+    rows += [(f"patient length in tokens, {q}", f"{v:,}")
+             for q, v in lengths.token_percentiles.items()]
+    share = lengths.over_limit / stats.patients if stats.patients else 0.0
+    rows += [(f"patients longer than {max_positions} tokens",
+              f"{lengths.over_limit:,} ({share:.1%})"),
+             (f"visits of patients longer than {max_positions} tokens",
+              f"{lengths.visits_over_limit:,}")]
+    rows += [(f"visits per patient, {q}", f"{v:,}") for q, v in lengths.visit_percentiles.items()]
+    rows += [(f"patients with {label} visits", f"{count:,}")
+             for label, count in lengths.visit_histogram.items()]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    drops = Table(title=f"dropped ({corpus.drops.total:,} in all)", header_style="bold")
+    drops = Table(title=f"dropped ({corpus.drops.total:,} in all; rows are 1-based data rows, "
+                        "header excluded)", header_style="bold")
     drops.add_column("reason")
+    drops.add_column("level")
     drops.add_column("count", justify="right")
-    drops.add_column("first examples")
+    drops.add_column("first examples", overflow="fold")  # never cut a file name
     for reason, count in corpus.drops.counts.most_common():
-        drops.add_row(reason, f"{count:,}", "; ".join(corpus.drops.examples.get(reason, [])))
+        drops.add_row(reason, corpus.drops.levels.get(reason, "row"), f"{count:,}",
+                      "; ".join(corpus.drops.examples.get(reason, [])))
     console.print(drops)
 
 
@@ -66,22 +82,34 @@ def print_corpus_report(corpus: Corpus, title: str) -> None:
 def data_stats(
     path: Annotated[Path | None, typer.Argument(
         help="Folder (MIMIC, eICU) or file (UCI, generic); omit with --preset.")] = None,
-    source: Annotated[str, typer.Option(help="mimic3, mimic4, eicu, uci or generic.")] = "generic",
+    source: Annotated[str, typer.Option(
+        help="mimic3, mimic4, eicu, uci, generic or synpuf.")] = "generic",
     preset: Annotated[str | None, typer.Option(
         help="Describe a simulated corpus instead: demo or mimic3-scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
+    date_format: Annotated[str | None, typer.Option(
+        help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
+             "default ISO 8601 (DE-SynPUF: YYYYMMDD). Dates are never guessed.")] = None,
+    max_positions: Annotated[int, typer.Option(
+        min=1, help="Report how many patients are longer than this many tokens.")] = 256,
+    max_drop_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fail when more than this share of patients is dropped.")] = 0.5,
 ) -> None:
-    """Load a source and print patients, visits, codes, demographics and drops by reason."""
+    """Load a source and print patients, visits, codes, demographics, patient lengths and drops
+    by reason with examples."""
     from training.cli_train import load_training_corpus
-    from training.loaders import DataError
+    from training.loaders import DataError, load_corpus
 
     if (path is None) == (preset is None):
         raise fail("give a PATH (with --source) or --preset, not both")
     try:
-        corpus = load_training_corpus(None if preset else source, path, preset, seed)
+        corpus = (load_training_corpus(None, None, preset, seed) if preset else
+                  load_corpus(source, path, date_format=date_format,
+                              max_drop_share=max_drop_share))
     except (DataError, ValueError) as err:
         raise fail(str(err)) from None
-    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}")
+    print_corpus_report(corpus, f"preset {preset} (seed {seed})" if preset else f"{source}: {path}",
+                        max_positions)
 
 
 def _parse_value(text: str):
@@ -115,15 +143,35 @@ def train_command(
              "within it (default: chosen from the corpus).")] = None,
     device: Annotated[str | None, typer.Option(
         help="cpu (default) or cuda (a CUDA GPU, where torch sees one).")] = None,
+    date_format: Annotated[str | None, typer.Option(
+        help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
+             "default ISO 8601. Recorded in the manifest for evaluate.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing bundle in OUT.")] = False,
+    dp_epsilon: Annotated[float | None, typer.Option(
+        "--dp-epsilon", help="Train with differential privacy (DP-SGD, Opacus) within this "
+                             "total epsilon; statistics are DP-released from the same budget.")
+    ] = None,
+    dp_delta: Annotated[float | None, typer.Option(
+        "--dp-delta", help="DP delta (default 1/n_train^1.1; must be below 1/n_train).")] = None,
+    min_patients: Annotated[int | None, typer.Option(
+        "--min-patients", help="Small-cell suppression k: codes carried by fewer training "
+                               "patients are left out (default 11).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     export: Annotated[bool, typer.Option(help="Export ONNX graphs when available.")] = True,
 ) -> None:
     """Train the hierarchical BART on a corpus and write a bundle to OUT."""
     from training.cli_train import run_train
 
+    if dp_epsilon is not None and not dp_epsilon > 0:  # 0 would silently mean "no DP"
+        raise fail(f"--dp-epsilon must be a positive finite number, got {dp_epsilon!r}")
+    if dp_delta is not None and dp_epsilon is None:
+        raise fail("--dp-delta needs --dp-epsilon (differential privacy is off without it)")
     overrides = {}
+    for key, value in (("train.dp_epsilon", dp_epsilon), ("train.dp_delta", dp_delta),
+                       ("train.min_patients_per_code", min_patients)):
+        if value is not None:
+            overrides[key] = value
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -133,6 +181,7 @@ def train_command(
         run_train(out=out, source=source, data=data, preset=preset, size=size, config=config,
                   overrides=overrides, flat=flat, epochs=epochs, batch_size=batch_size,
                   seed=seed, threads=threads, max_minutes=max_minutes, device=device,
+                  date_format=date_format,
                   resume=resume,
                   force=force, progress=progress, export=export)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
@@ -200,6 +249,7 @@ def print_manifest(manifest: dict, title: str) -> None:
                            f"{metrics.get('threads')} threads, peak RSS "
                            f"{_fmt(metrics.get('peak_rss_mb'), 0)} MiB")),
     ]
+    rows += _privacy_rows(manifest.get("privacy") or {})
     rows += [(f"file {name}", sha[:16]) for name, sha in manifest.get("files", {}).items()]
     for key, value in rows:
         table.add_row(key, value)
@@ -240,6 +290,34 @@ def _calibration_text(info: dict | None) -> str:
     best = steps[info.get("selected_iteration", len(steps) - 1)]
     return (f"KS visits/patient vs train {steps[0]['ks_visits_per_patient_vs_train']:.3f} -> "
             f"{best['ks_visits_per_patient_vs_train']:.3f}")
+
+
+def _privacy_rows(privacy: dict) -> list[tuple[str, str]]:
+    """``info`` rows of the manifest's ``privacy`` section (older bundles have none)."""
+    small = privacy.get("small_cell_suppression")
+    rows = [("small-cell suppression", "not recorded (bundle predates it)" if not small else
+             f"k = {small.get('min_patients_per_code')}: codes carried by fewer training "
+             f"patients left out; removed "
+             f"{'not released (DP)' if small.get('codes_removed') is None else small['codes_removed']}"
+             f", kept {small.get('codes_kept')}")]
+    dp = privacy.get("differential_privacy")
+    if not dp:
+        return rows + [("differential privacy", "no")]
+    split = dp.get("split") or {}
+    rows += [
+        ("differential privacy", (f"epsilon {_fmt(dp.get('epsilon'), 3)} (target "
+                                  f"{_fmt(dp.get('epsilon_target'), 3)}), delta "
+                                  f"{dp.get('delta', 0):.3g}, accountant {dp.get('accountant')}")),
+        ("DP-SGD", (f"clipping norm {dp.get('max_grad_norm')}, noise multiplier "
+                    f"{_fmt(dp.get('noise_multiplier'), 3)}, sample rate "
+                    f"{dp.get('sample_rate', 0):.4g}, {dp.get('steps')} steps")),
+        ("epsilon split", (f"DP-SGD alone {_fmt(split.get('dp_sgd_alone'), 3)}, statistics "
+                           f"alone {_fmt(split.get('statistics_alone'), 3)}, composed "
+                           f"{_fmt(split.get('composed_total'), 3)}")),
+        ("not in this bundle", ", ".join(sorted(dp.get("unavailable_strategies") or {}))
+         + " (strategies); co-occurrence matrix, retrieval index"),
+    ]
+    return rows
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -358,7 +436,7 @@ def load_bundle_corpus(manifest: dict, bundle: Path, data: Path | None):
             raise fail(f"data not found: {path} ({recorded}, source {source}); pass --data "
                        f"with the {source} data the bundle was trained on")
         try:
-            corpus = load_corpus(source, path)
+            corpus = load_corpus(source, path, date_format=info.get("date_format"))
         except (DataError, ValueError, OSError) as err:
             raise fail(f"cannot load {source} data from {path}: {err}") from None
         where = f"{source}: {path}"
@@ -445,6 +523,15 @@ def evaluate_command(
         engine = Engine.from_bundle(bundle, intra_op_threads=threads, batch_size=batch_size)
     except (BundleError, OSError, RuntimeError, ValueError) as err:
         raise fail(f"cannot load bundle {bundle}: {err}") from None
+    off = [s for s in names if s in engine.unavailable]
+    if off and strategies == DEFAULT_EVAL_STRATEGIES:  # the default list: skip, and say so
+        for s in off:
+            console.print(f"skipping {s}: {engine.unavailable[s]}")
+        names = [s for s in names if s not in off]
+        strategy_params = {s: v for s, v in strategy_params.items() if s in names}
+    elif off:
+        raise fail(f"bundle {bundle}: strategy {off[0]} is not available: "
+                   f"{engine.unavailable[off[0]]}; drop it from --strategies")
     if "retrieve_edit" in names and engine.retrieval is None:
         raise fail(f"bundle {bundle} has no retrieval index (train_index.json.gz): drop "
                    "retrieve_edit from --strategies")
@@ -536,11 +623,107 @@ def serve_command(
     """Serve the REST API (uvicorn) with /docs, /redoc, /health, /ready and /metrics."""
     import uvicorn
 
+    from app.athena import AthenaError
     from app.service.api import create_app
 
     settings = _service_settings(bundle, redis_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+    try:
+        api = create_app(settings)
+    except AthenaError as err:  # SYNTHEHR_ATHENA_VOCABULARY names a folder that cannot be used
+        raise fail(str(err)) from None
+    uvicorn.run(api, host=host, port=port, log_config=None,
                 log_level=settings.log_level.lower(), access_log=False)
+
+
+@app.command("generate")
+def generate_command(
+    out: Annotated[Path, typer.Option("--out", help="File to write.")],
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: SYNTHEHR_BUNDLE "
+                                                     "or models/demo).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json, ndjson, csv, mimic3, omop, fhir "
+                                                      "or parquet.")] = "csv",
+    spec: Annotated[Path | None, typer.Option(
+        help="A JSON file with the POST /v1/cohorts body; the options below are ignored.")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Patients.")] = 100,
+    age: Annotated[str, typer.Option(help="A fixed age (67) or a range (40-80).")] = "0-90",
+    female_fraction: Annotated[float, typer.Option(help="Share of female patients.")] = 0.5,
+    strategy: Annotated[str, typer.Option(help="Decoding strategy.")] = "plain",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    must_include: Annotated[str | None, typer.Option(help="Comma-separated codes every "
+                                                          "patient carries.")] = None,
+    any_of: Annotated[str | None, typer.Option(help="Comma-separated codes or categories; "
+                                                    "each patient carries one at least.")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Comma-separated codes or categories "
+                                                     "never generated.")] = None,
+) -> None:
+    """Write a cohort to a file in any result format, without the service (no Redis)."""
+    import json
+
+    from app.athena import AthenaError, load_athena
+    from app.service.cohort_file import write_cohort
+    from app.service.exports import FORMATS
+    from app.service.generation import load_generator
+    from app.service.jobs import possible_demographics
+
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    settings = _service_settings(bundle, None)
+    try:
+        if spec is not None:
+            body = json.loads(spec.read_text())
+        else:
+            low, _, high = age.partition("-")
+
+            def items(text: str | None) -> list[str]:
+                return [c.strip() for c in (text or "").split(",") if c.strip()]
+
+            body = {"size": size, "female_fraction": female_fraction, "strategy": strategy,
+                    "seed": seed, "must_include": items(must_include), "any_of": items(any_of),
+                    "exclude": items(exclude),
+                    "age": {"min": float(low), "max": float(high)} if high else float(low)}
+        cohort = _cohort_spec(body, settings)
+    except (OSError, ValueError) as err:
+        where = f"--spec {spec}" if spec is not None else "options"
+        raise fail(f"{where}: {err}") from None
+    try:
+        concepts = (load_athena(settings.athena_vocabulary)
+                    if settings.athena_vocabulary is not None else None)
+        generator = load_generator(settings.bundle, settings.ort_threads)
+    except AthenaError as err:
+        raise fail(str(err)) from None
+    except (ValueError, OSError, RuntimeError) as err:
+        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+    unknown = [c for c in cohort.must_include if not generator.has_code(c)]
+    if unknown:
+        raise fail(f"must_include: code {unknown[0]} is not in the model's vocabulary")
+    try:  # the service's submission check: an infeasible spec fails before any decoding
+        ages, sexes = possible_demographics(cohort)
+        generator.check_target(ages, sexes, cohort.must_include, cohort.any_of, cohort.exclude,
+                               cohort.validity_mask)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    result = write_cohort(generator, cohort, fmt, out, chunk_size=settings.chunk_size,
+                          batch=settings.generation_batch, concepts=concepts)
+    console.print(f"wrote {result.patients:,} patients ({fmt}, {result.bytes:,} bytes) to "
+                  f"{result.path}", highlight=False)
+
+
+def _cohort_spec(body: dict, settings):
+    """A validated cohort spec; ``ValueError`` naming the field and reason."""
+    from pydantic import ValidationError
+
+    from app.service.schemas import CohortSpec
+
+    try:
+        cohort = CohortSpec.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise ValueError(f"{field}: {first['msg']}") from None
+    if cohort.size > settings.max_cohort_size:
+        raise ValueError(f"size: at most {settings.max_cohort_size} patients, got {cohort.size}")
+    return cohort
 
 
 @app.command("worker")
@@ -554,7 +737,7 @@ def worker_command(
     import signal
     import threading
 
-    from app.service.generation import load_generator
+    from app.service.models import load_configured
     from app.service.store import RedisStore
     from app.service.worker import Worker
 
@@ -563,9 +746,9 @@ def worker_command(
         raise fail("the worker needs a Redis job store: set REDIS_URL (without one, "
                    "`synthehr serve` runs its own in-process worker)")
     try:
-        generator = load_generator(settings.bundle, settings.ort_threads)
+        generator = load_configured(settings)  # every bundle of SYNTHEHR_BUNDLES, or the one
     except (ValueError, OSError, RuntimeError) as err:
-        raise fail(f"cannot load bundle {settings.bundle}: {err}") from None
+        raise fail(f"cannot load bundle {settings.bundles or settings.bundle}: {err}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

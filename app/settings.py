@@ -25,11 +25,20 @@ class Settings(BaseSettings):
     # -- model and store --------------------------------------------------------------------
     bundle: Path = Field(Path("models/demo"),
                          description="Folder of the runtime bundle to serve (models/<name>/).")
+    bundles: str | None = Field(
+        None, description="Several bundles in one service: a comma-separated list of bundle "
+                          "folders, or one folder whose sub-folders are bundles. Requests pick "
+                          "one with `model` (its folder name; default: the first). Overrides "
+                          "`bundle` when set.")
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("SYNTHEHR_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis URL of the job store (queue, progress, results). None: an embedded "
                     "in-process store and worker (one process only; jobs die with it).")
     key_prefix: str = Field("synthehr", description="Prefix of every Redis key this service owns.")
+    athena_vocabulary: Path | None = Field(
+        None, description="Folder of an OHDSI Athena vocabulary download (CONCEPT.csv, "
+                          "CONCEPT_RELATIONSHIP.csv) used to fill the OMOP export's concept ids; "
+                          "None: they are 0. Read once at start-up.")
 
     # -- access -----------------------------------------------------------------------------
     api_key: str | None = Field(None, description="When set, every /v1 request must carry it "

@@ -21,11 +21,17 @@ from app.corpus import Patient
 from app.icd9.codes import category_of
 from app.icd9.hierarchy import CHAPTERS, chapter_of
 
-__all__ = ["SPECIAL_TOKENS", "PAD", "BOS", "EOS", "VISIT", "END_VISIT", "MASK", "Vocabulary"]
+__all__ = ["BOS", "END_VISIT", "EOS", "MASK", "PAD", "SPECIAL_TOKENS", "VISIT", "Vocabulary",
+           "code_patient_counts"]
 
 PAD, BOS, EOS, VISIT, END_VISIT, MASK = "<pad>", "<s>", "</s>", "<v>", "</v>", "<mask>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, VISIT, END_VISIT, MASK)
 FORMAT = "synthehr-vocab-1"
+
+
+def code_patient_counts(patients: Iterable[Patient]) -> Counter[str]:
+    """Number of distinct patients carrying each code (in any visit)."""
+    return Counter(c for p in patients for c in {c for v in p.visits for c in v})
 
 
 @dataclass
@@ -33,10 +39,14 @@ class Vocabulary:
     """Structure tokens + codes, with code -> category -> chapter index arrays."""
 
     codes: list[str]
-    counts: np.ndarray  # visits containing each code in the training split
+    counts: np.ndarray  # visits containing each code in train (DP bundle: noisy patients)
     categories: list[str]
 
     def __post_init__(self) -> None:
+        # small-cell suppression of :meth:`from_patients` (not stored in vocab.json: the
+        # bundle's manifest records it)
+        self.suppressed = 0
+        self.min_patients = 1
         self.tokens: list[str] = [*SPECIAL_TOKENS, *self.codes]
         self.index: dict[str, int] = {t: i for i, t in enumerate(self.tokens)}
         cat_index = {c: i for i, c in enumerate(self.categories)}
@@ -47,12 +57,25 @@ class Vocabulary:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_patients(cls, patients: Iterable[Patient], min_count: int = 1) -> Vocabulary:
-        """Codes seen in at least ``min_count`` visits of ``patients`` (the training split)."""
+    def from_patients(cls, patients: Iterable[Patient], min_count: int = 1,
+                      min_patients: int = 1) -> Vocabulary:
+        """Codes seen in at least ``min_count`` visits and carried by at least ``min_patients``
+        distinct patients of ``patients`` (the training split).
+
+        ``min_patients`` is the small-cell suppression threshold ``k``: a code fewer than ``k``
+        patients carry is left out, so it is never generated nor listed. How many codes it
+        removed (codes that passed ``min_count``) is :attr:`suppressed`.
+        """
+        patients = list(patients)
         counts: Counter[str] = Counter(c for p in patients for v in p.visits for c in v)
-        codes = sorted(c for c, n in counts.items() if n >= min_count)
+        carriers = code_patient_counts(patients)
+        frequent = [c for c, n in counts.items() if n >= min_count]
+        codes = sorted(c for c in frequent if carriers[c] >= min_patients)
         categories = sorted({category_of(c) for c in codes})
-        return cls(codes, np.array([counts[c] for c in codes], dtype=np.int64), categories)
+        vocab = cls(codes, np.array([counts[c] for c in codes], dtype=np.int64), categories)
+        vocab.suppressed = len(frequent) - len(codes)
+        vocab.min_patients = int(min_patients)
+        return vocab
 
     # -- sizes and lookups --------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh train,serve
 bundle="${SYNTHEHR_BUNDLE:-models/demo}"
 if [ ! -f "$bundle/manifest.json" ]; then
-    echo "building the demo bundle into $bundle (about 2 minutes on 2 cores)"
+    echo "building the demo bundle into $bundle (a tiny model on a 30-second training budget)"
     .venv/bin/synthehr train --preset demo --out "$bundle"
 fi
 export SYNTHEHR_BUNDLE="$bundle"

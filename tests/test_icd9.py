@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from app.icd9.codes import InvalidCodeError, category_of, normalize_code, try_normalize_code
@@ -13,13 +15,19 @@ from app.icd9.hierarchy import CHAPTERS, chapter_of, load_hierarchy
     ("250.00", "25000"), ("25000", "25000"), ("8", "008"), ("8.5", "0085"), ("42", "042"),
     ("v57.1", "V571"), ("V57", "V57"), ("V3000", "V3000"), ("E909", "E909"),
     ("E849.7", "E8497"), (" 401.9 ", "4019"), ("038.9", "0389"),
+    # a dot anywhere else is punctuation (issue 15): the rest must be a canonical code
+    ("E87.82", "E8782"), ("E8782", "E8782"), ("E878.2", "E8782"), ("25.000", "25000"),
+    ("E87.0", "E870"),
 ])
 def test_normalize_code_accepts_every_spelling(raw: str, expected: str) -> None:
     assert normalize_code(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["ABC", "I10", "E87.0", "S73.00", "", "?", "250.000", "12345678",
-                                 None, "R51"])
+@pytest.mark.parametrize("raw", ["ABC", "I10", "S73.00", "", "?", "250.000", "12345678",
+                                 None, "R51",
+                                 "\uff12\uff15\uff10",  # fullwidth 250
+                                 "\u0664\u0660\u0661\u0669",  # Arabic-Indic 4019
+                                 "4\u0660\u06619", "V\uff15\uff17"])
 def test_normalize_code_rejects_non_icd9(raw: object) -> None:
     with pytest.raises(InvalidCodeError):
         normalize_code(raw)
@@ -47,7 +55,7 @@ def test_nineteen_chapters_cover_the_numeric_range_without_gaps() -> None:
     assert len(CHAPTERS) == 19
     numeric = CHAPTERS[:17]
     assert numeric[0].first == "001" and numeric[-1].last == "999"
-    for before, after in zip(numeric, numeric[1:]):
+    for before, after in itertools.pairwise(numeric):
         assert int(before.last) + 1 == int(after.first)
 
 

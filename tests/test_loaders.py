@@ -14,6 +14,7 @@ from app.cli import app
 from app.corpus import corpus_stats
 from app.icd9.hierarchy import chapter_of
 from training.loaders import DataError, load_corpus
+from training.loaders.mimic4 import ICD10_ROW
 
 runner = CliRunner()
 
@@ -73,7 +74,17 @@ def test_uci_counts(shared_data: Path) -> None:
     assert stats.max_codes_per_visit == 3
     assert corpus.drops.counts["patient with unknown sex"] == 3
     assert corpus.drops.counts["missing code"] == 1_802  # '?' in diag_1..3
-    assert "diabetic_data.csv.gz row" in corpus.drops.examples["missing code"][0]
+    # independent pandas counts: the first '?' and the repeated codes within an encounter
+    table = pd.read_csv(shared_data / "uci-diabetes-130" / "diabetic_data.csv.gz", dtype=str)
+    first_missing = int(table.index[table["diag_1"] == "?"][0]) + 1  # 1-based data row
+    assert corpus.drops.examples["missing code"][0] == (
+        f"diabetic_data.csv.gz data row {first_missing} (line {first_missing + 1}), column diag_1")
+    known = table[["diag_1", "diag_2", "diag_3"]].replace("?", pd.NA)
+    repeated = ((known.diag_2 == known.diag_1).fillna(False).sum()
+                + ((known.diag_3 == known.diag_1) | (known.diag_3 == known.diag_2))
+                .fillna(False).sum())
+    assert corpus.drops.counts["duplicate code within a visit"] == repeated == 5_591
+    assert all(p.visit_times is None for p in corpus.patients)  # the file has no dates
     _assert_well_formed(corpus.patients)
     codes = {c for p in corpus.patients for v in p.visits for c in v}
     assert "008" in codes and "8" not in codes  # dropped leading zeros restored
@@ -84,7 +95,15 @@ def test_eicu_counts(shared_data: Path) -> None:
     assert corpus.raw_counts == {"patients": 1_841, "hospital stays": 2_174, "ICU stays": 2_520,
                                  "diagnosis rows": 24_978}
     assert corpus.drops.counts["missing code"] == 3_772
-    assert corpus.drops.counts["row without an ICD-9 code"] > 0
+    # every row without an ICD-9 entry holds ICD-10-CM codes only, reported with the hint;
+    # independent count: rows whose entries all start with a letter other than V
+    dx = pd.read_csv(shared_data / "eicu-demo" / "diagnosis.csv.gz", dtype=str)
+    entries = dx["icd9code"].dropna().str.split(",")
+    only10 = entries.map(lambda e: all(x.strip()[:1].isalpha() and x.strip()[:1] != "V"
+                                       for x in e))
+    assert corpus.drops.counts["row with only ICD-10-CM codes (ICD-10-CM is not modelled)"] == \
+        int(only10.sum()) == 241
+    assert "row without an ICD-9 code" not in corpus.drops.counts
     _assert_well_formed(corpus.patients)
     stats = corpus_stats(corpus.patients)
     assert 400 <= stats.distinct_codes <= 450
@@ -112,6 +131,10 @@ def test_generic_csv_and_parquet(tmp_path: Path) -> None:
     assert csv.patients == parquet.patients
     a = csv.patients[0]
     assert a.visits == (("4019",), ("25000",))  # time order; duplicate code removed
+    assert csv.drops.counts["duplicate code within a visit"] == 1
+    assert csv.drops.examples["duplicate code within a visit"] == [
+        "long.csv data row 3 (line 4), column code, value '4019'"]
+    assert a.visit_times == ((0.0, 0.0), (486.0, 486.0))  # 2019-01-01 -> 2020-05-01
     assert a.age == 90  # 94 capped
     assert csv.patients[1].visits == (("V57",),)
 
@@ -124,7 +147,7 @@ def test_bad_code_is_counted_with_file_row_and_column(tmp_path: Path) -> None:
     corpus = load_corpus("generic", path)
     assert corpus.drops.counts["not an ICD-9-CM code"] == 1
     assert corpus.drops.examples["not an ICD-9-CM code"] == [
-        "bad.csv row 1 column code value 'ABC'"]
+        "bad.csv data row 1 (line 2), column code, value 'ABC'"]
     assert corpus.patients[0].visits == (("25000",),)
 
 
@@ -152,7 +175,8 @@ def test_unparseable_date_names_row_and_column(shared_data: Path, tmp_path: Path
     admissions = pd.read_csv(shared_data / "mimic3-demo" / "ADMISSIONS.csv", dtype=str)
     admissions.loc[4, "admittime"] = "not-a-date"
     admissions.to_csv(tmp_path / "ADMISSIONS.csv", index=False)
-    with pytest.raises(DataError, match=r"ADMISSIONS\.csv, row 5, column 'admittime'"):
+    with pytest.raises(DataError, match=r"ADMISSIONS\.csv data row 5 \(line 6\), column "
+                                        r"admittime: date 'not-a-date' is not ISO 8601"):
         load_corpus("mimic3", tmp_path)
 
 
@@ -170,7 +194,7 @@ def test_mimic4_keeps_icd9_rows_only(tmp_path: Path) -> None:
                   "icd_version": [9, 9, 10, 9, 10]}).to_csv(hosp / "diagnoses_icd.csv.gz",
                                                             index=False)
     corpus = load_corpus("mimic4", tmp_path)
-    assert corpus.drops.counts["not an ICD-9 row (icd_version != 9)"] == 2
+    assert corpus.drops.counts[ICD10_ROW] == 2
     first, second = corpus.patients
     assert first.visits == (("25000",), ("4019",))  # 2151 admission precedes 2152
     assert first.age == 61  # anchor_age + 2151 - 2150

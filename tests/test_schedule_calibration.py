@@ -150,3 +150,52 @@ def test_code_orders():
     assert [vocab.tokens[t] for t in by_tree[0].visits[0]] == ["25000", "4019"]
     with pytest.raises(ValueError, match="code_order"):
         code_rank(vocab, "alphabetical")
+
+
+def test_recorded_date_format_reloads_the_corpus(tmp_path):
+    """evaluate/calibrate reload a bundle's corpus with the date format training was given."""
+    import typer
+
+    from app.cli import load_bundle_corpus
+    from training.bundle import corpus_hash
+    from training.loaders import load_corpus
+
+    rows = ["patient_id,visit_id,code,age,sex,visit_time"]
+    for i in range(30):
+        rows.append(f"p{i},v{i}a,4019,{40 + i},F,15/01/2012")
+        rows.append(f"p{i},v{i}b,25000,{40 + i},F,03/02/2012")
+    path = tmp_path / "visits.csv"
+    path.write_text("\n".join(rows) + "\n")
+    corpus = load_corpus("generic", path, date_format="%d/%m/%Y")
+    manifest = {"data": {"source": "generic", "path": str(path), "preset": None,
+                         "date_format": "%d/%m/%Y",
+                         "content_hash": corpus_hash(corpus.patients)}}
+    again, _ = load_bundle_corpus(manifest, tmp_path, None)
+    assert corpus_hash(again.patients) == corpus_hash(corpus.patients)
+    assert again.patients[0].visits == (("4019",), ("25000",))  # day-first: January first
+    manifest["data"]["date_format"] = None
+    with pytest.raises(typer.Exit):
+        load_bundle_corpus(manifest, tmp_path, None)  # not ISO 8601: refused, never guessed
+
+
+def test_calibration_shapes_demographic_strategies_but_not_retrieve_edit():
+    from app.decoding import RetrievalIndex
+
+    rng = np.random.default_rng(1)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[(i + j) % 10], CODES[(i + 2 * j + 1) % 10])
+                           for j in range(int(rng.integers(1, 4)))))
+             for i in range(300)]
+    vocab = Vocabulary.from_patients(train)
+    index = RetrievalIndex.from_patients(train, vocab)
+    stop_late = StopCalibration(np.array([0.0, -4.0, -4.0, -4.0]))  # rarely end the patient
+
+    def run(calibration, strategy, params=None):
+        engine = Engine(RandomStepModel(len(vocab), seed=5), vocab, retrieval=index,
+                        max_visits=4, max_codes_per_visit=3, max_length=32,
+                        calibration=calibration)
+        return engine.generate([(50.0, "F")] * 200, strategy, params=params, seed=3).to_json()
+
+    assert run(None, "plain") != run(stop_late, "plain")
+    params = {"min_distance": 0.0, "max_retries": 5}
+    assert run(None, "retrieve_edit", params) == run(stop_late, "retrieve_edit", params)

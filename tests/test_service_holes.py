@@ -155,6 +155,23 @@ def test_timeout_answers_504_and_stops_the_generation(gen, window_ms):
         assert engine.calls == calls <= 5, "the engine kept decoding for nobody"
 
 
+@pytest.mark.parametrize("target", ["any_of", "exclude"])
+def test_targeted_request_times_out_and_stops_the_generation(gen, target):
+    vocab = gen.engine.vocab
+    common = vocab.codes[max(range(len(vocab.codes)), key=lambda i: vocab.counts[i])]
+    slow, engine = slow_generator(gen, delay=0.2, batch_size=4)  # 40 patients: 10 calls a try
+    with make_client(slow, request_timeout_s=0.5) as c:
+        started = time.perf_counter()
+        r = c.post("/v1/patients", json={"n": 40, "age": 50, "sex": "F", "seed": 1,
+                                          target: [common]})
+        assert r.status_code == 504 and "request_timeout_s" in r.text
+        assert time.perf_counter() - started < 1.5
+        time.sleep(0.6)
+        calls = engine.calls
+        time.sleep(0.6)
+        assert engine.calls == calls <= 5, "the engine kept decoding for nobody"
+
+
 def test_generation_stops_when_the_client_leaves(gen):
     import uvicorn
 

@@ -71,8 +71,19 @@ def test_trainer_end_to_end_on_mimic_demo(mimic_bundle):
     assert bundle.cooccurrence.shape == (bundle.vocab.n_codes,) * 2
     assert bundle.reference_stats["n_patients"] == 82
     assert sum(bundle.reference_stats["visits_per_patient"].values()) == 82
+    # small-cell suppression (default k = 11): the vocabulary, the index and the statistics
+    # hold only codes at least 11 training patients carry; patients left without any code
+    # are not in the index
+    small = manifest["privacy"]["small_cell_suppression"]
+    assert small["min_patients_per_code"] == 11 and small["codes_removed"] > 0
+    assert small["codes_kept"] == bundle.vocab.n_codes
+    assert manifest["privacy"]["differential_privacy"] is None
     index = bundle.load_train_index()
-    assert len(index) == 82 and {"id", "age", "sex", "visits"} <= set(index[0])
+    kept = set(bundle.vocab.codes)
+    assert {c for p in index for v in p["visits"] for c in v} <= kept
+    assert 0 < len(index) < 82 and {"id", "age", "sex", "visits"} <= set(index[0])
+    assert set(bundle.reference_stats["category_visit_counts"]) <= \
+        {c[:4] if c.startswith("E") else c[:3] for c in kept}
 
 
 def test_bundle_model_loads_with_identical_logits(mimic_bundle):

@@ -62,24 +62,42 @@ def _software() -> dict[str, str]:
     return versions
 
 
-def write_bundle(bundle_dir: str | Path, *, model, vocab: Vocabulary, cooccurrence: sp.spmatrix,
-                 train_patients: list[Patient], run_config: dict[str, Any],
-                 data: dict[str, Any], splits: dict[str, int], metrics: dict[str, Any],
-                 write_index: bool = True) -> dict[str, Any]:
-    """Write every bundle file and the manifest; returns the manifest."""
+def write_bundle(bundle_dir: str | Path, *, model, vocab: Vocabulary,
+                 cooccurrence: sp.spmatrix | None, train_patients: list[Patient],
+                 run_config: dict[str, Any], data: dict[str, Any], splits: dict[str, int],
+                 metrics: dict[str, Any], write_index: bool = True,
+                 privacy: dict[str, Any] | None = None,
+                 reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every bundle file and the manifest; returns the manifest.
+
+    A DP bundle (``privacy["differential_privacy"]`` set) gets its DP-released ``reference``
+    statistics, no co-occurrence matrix (``cooccurrence=None``) and no retrieval index. Codes
+    outside ``vocab`` (small-cell suppression) are left out of every file.
+    """
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    dp = bool((privacy or {}).get("differential_privacy"))
+    if dp and (cooccurrence is not None or reference is None):
+        raise ValueError("a DP bundle ships DP-released reference statistics and no "
+                         "co-occurrence matrix")
     model.save(bundle_dir)  # config.json + model.safetensors
     vocab.save(bundle_dir / "vocab.json")
-    save_cooccurrence(cooccurrence, bundle_dir / "cooccurrence.npz")
-    (bundle_dir / "reference_stats.json").write_text(
-        json.dumps(reference_stats(train_patients, vocab)))
-    names = ["config.json", "model.safetensors", "vocab.json", "cooccurrence.npz",
-             "reference_stats.json"]
-    if write_index:
-        index = {"format": "synthehr-train-index-1", "split": "train",
-                 "patients": [{"id": p.patient_id, "age": p.age, "sex": p.sex,
-                               "visits": [list(v) for v in p.visits]} for p in train_patients]}
+    names = ["config.json", "model.safetensors", "vocab.json"]
+    if cooccurrence is not None:
+        save_cooccurrence(cooccurrence, bundle_dir / "cooccurrence.npz")
+        names.append("cooccurrence.npz")
+    stats = reference if reference is not None else reference_stats(train_patients, vocab)
+    (bundle_dir / "reference_stats.json").write_text(json.dumps(stats))
+    names.append("reference_stats.json")
+    if write_index and not dp:
+        records = []
+        for p in train_patients:  # suppressed codes never leave in the index either
+            visits = [[c for c in v if c in vocab.index] for v in p.visits]
+            visits = [v for v in visits if v]
+            if visits:
+                records.append({"id": p.patient_id, "age": p.age, "sex": p.sex,
+                                "visits": visits})
+        index = {"format": "synthehr-train-index-1", "split": "train", "patients": records}
         with gzip.open(bundle_dir / "train_index.json.gz", "wt", compresslevel=6) as handle:
             json.dump(index, handle)
         names.append("train_index.json.gz")
@@ -96,6 +114,7 @@ def write_bundle(bundle_dir: str | Path, *, model, vocab: Vocabulary, cooccurren
         "vocabulary": {"tokens": len(vocab), "codes": vocab.n_codes,
                        "categories": vocab.n_categories, "chapters": vocab.n_chapters},
         "metrics": metrics,
+        "privacy": privacy or {"small_cell_suppression": None, "differential_privacy": None},
         "software": _software(),
         "files": {name: sha256_file(bundle_dir / name) for name in names},
     }

@@ -122,7 +122,7 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
         max_visits=max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
         max_codes=max((int(k) for k in stats.get("codes_per_visit", {})), default=40))
     real = validation_subsample(val, patients, seed + 29)
-    calibration = fit_stop_calibration(engine, cycled_demographics(real, min(patients, 4000)),
+    calibration = fit_stop_calibration(engine, cycled_demographics(real, patients),
                                        train, seed=seed, log=log)
     calibration.save(bundle_dir / CALIBRATION_FILE)
     add_bundle_file(bundle_dir, CALIBRATION_FILE)

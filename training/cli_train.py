@@ -17,7 +17,8 @@ __all__ = ["default_run_config", "load_training_corpus", "run_train"]
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The demo preset is the first thing a new user meets (scripts/serve.sh builds it): a
     # tiny model on a 30-second budget, so the service answers within a minute of setup.
-    "simulated:demo": {"train.max_minutes": 0.5, "train.epochs": 40},
+    "simulated:demo": {"train.max_minutes": 0.5, "train.epochs": 40,
+                       "train.fidelity_patients": 600, "train.calibration_patients": 1000},
 }
 
 
@@ -47,7 +48,7 @@ def default_run_config(corpus: Corpus, size: str = "auto") -> tuple[RunConfig, d
 
 
 def load_training_corpus(source: str | None, data: Path | None, preset: str | None,
-                         seed: int = 0):
+                         seed: int = 0, date_format: str | None = None):
     if preset is not None:
         if source is not None or data is not None:
             raise ValueError("give either --preset or --source/--data, not both")
@@ -58,7 +59,7 @@ def load_training_corpus(source: str | None, data: Path | None, preset: str | No
         raise ValueError("give --source and --data (or --preset demo)")
     from training.loaders import load_corpus
 
-    return load_corpus(source, data)
+    return load_corpus(source, data, date_format=date_format)
 
 
 def run_train(*, out: Path, source: str | None, data: Path | None, preset: str | None,
@@ -66,7 +67,7 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
               overrides: dict[str, Any] | None = None, flat: bool = False,
               epochs: int | None = None, batch_size: int | None = None, seed: int | None = None,
               threads: int | None = None, max_minutes: float | None = None,
-              device: str | None = None,
+              device: str | None = None, date_format: str | None = None,
               resume: bool = False, force: bool = False, progress: bool = True,
               export: bool = True):
     from training.trainer import train
@@ -76,7 +77,7 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     out = Path(out)
     if (out / "manifest.json").exists() and not (force or resume):
         raise FileExistsError(f"{out} already holds a bundle; pass --force to overwrite it")
-    corpus = load_training_corpus(source, data, preset, seed or 0)
+    corpus = load_training_corpus(source, data, preset, seed or 0, date_format)
     if config:
         run, choice = RunConfig.load(config), {"size": "config file", "path": str(config)}
     else:
@@ -90,6 +91,6 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     if flat:
         cli["model.hierarchical"] = False
     run = run.override(cli)
-    info = {"path": str(data) if data else None, "preset": preset}
+    info = {"path": str(data) if data else None, "preset": preset, "date_format": date_format}
     return train(corpus, out, run, data_info=info, resume=resume, progress=progress,
                  export=export, model_choice=choice)

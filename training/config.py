@@ -151,7 +151,9 @@ class TrainConfig(_Json):
     patience: int = 4  # epochs without improvement (counted in the schedule's second half)
     min_delta: float = 1e-3  # improvement that counts (relative for nll, absolute for fidelity)
     seed: int = 0
-    threads: int = 2
+    # torch threads: 1 by default, since two OpenMP threads on a 2-core machine that is busy
+    # with anything else are slower than one (bench/train_threads.py); --threads 2 on an idle one
+    threads: int = 1
     # 0: no wall-time budget; else the epochs and the learning-rate schedule are planned from
     # measured step times so that training ends annealed within this many minutes
     max_minutes: float = 0.0
@@ -166,10 +168,24 @@ class TrainConfig(_Json):
     # unigram R2 and the KS of visits per patient), or the demographics-only reconstruction's
     # "nll_per_token" / "nll_per_code"
     monitor: str = "fidelity"
-    fidelity_patients: int = 4000  # validation patients in the fidelity sample (0: all)
+    # patients in the fidelity sample: validation patients (0: all), their demographics cycled
+    # up to this many where the split is smaller
+    fidelity_patients: int = 4000
     calibrate: bool = True  # fit the stop calibration (app.decoding.calibration) at the end
-    calibration_patients: int = 8000  # validation demographics for the calibration sample
+    # demographics per calibration sample: validation patients, cycled up to this many
+    calibration_patients: int = 8000
     device: str = "cpu"  # "cuda" trains on a CUDA GPU where one is present
+    # Small-cell suppression (every bundle): codes carried by fewer training patients are
+    # left out of the vocabulary (many data-sharing agreements use 11).
+    min_patients_per_code: int = 11
+    # Differential privacy (training.privacy): dp_epsilon > 0 turns DP-SGD on; the budget
+    # covers the model and every statistic the bundle ships. dp_delta 0: 1 / n_train^1.1.
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_max_grad_norm: float = 1.0  # per-sample clipping norm
+    dp_stats_fraction: float = 0.1  # share of epsilon spent on the released statistics
+    dp_max_codes_per_patient: int = 8  # contribution bound of the released code counts
+    dp_max_noise_multiplier: float = 20.0  # above this the model would learn nothing useful
 
 
 @dataclass

@@ -62,7 +62,7 @@ def cycled_demographics(patients: Sequence[Patient], n: int) -> list[tuple[float
 
 
 def validation_fidelity(engine: Engine, real: Sequence[Patient], seed: int,
-                        min_generated: int = 2000) -> dict[str, float]:
+                        min_generated: int = 0) -> dict[str, float]:
     """Protocol metrics of a plain cohort conditioned on ``real``'s demographics (one-to-one,
     cycled to at least ``min_generated`` patients; the metrics are per-visit prevalences)."""
     started = time.perf_counter()

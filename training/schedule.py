@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = ["GROW_UNTIL", "BudgetSchedule", "plan_epochs", "warmup_for"]
 
-GROW_UNTIL = 0.3  # share of the schedule after which the plan only shrinks
+GROW_UNTIL = 0.7  # share of the schedule after which the plan only shrinks
 
 
 def warmup_for(warmup_steps: int, steps_per_epoch: int, total_steps: int) -> int:

@@ -28,7 +28,6 @@ from app.bundle import read_manifest
 from app.cooccurrence import build_cooccurrence
 from app.corpus import Corpus, Patient
 from app.decoding.calibration import CALIBRATION_FILE
-from app.vocab import Vocabulary
 from training.bundle import add_bundle_file, corpus_hash, write_bundle, write_manifest
 from training.calibrate import fit_stop_calibration
 from training.config import ObjectiveConfig, RunConfig
@@ -47,6 +46,7 @@ from training.fidelity import (
 )
 from training.model import HierBart
 from training.objective import compute_loss, cooc_operator
+from training.privacy.run import prepare_privacy
 from training.schedule import BudgetSchedule, plan_epochs, warmup_for
 from training.sizing import patient_length
 from training.splits import split_patients
@@ -146,8 +146,11 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     if not train_patients or not split.val:
         raise ValueError(f"corpus {corpus.source!r} is too small: {split.sizes()} patients "
                          f"in train/val/test")
-    vocab = Vocabulary.from_patients(train_patients)
-    cooc = build_cooccurrence(train_patients, vocab)
+    # small-cell suppression; a DP run also checks its settings and releases its statistics
+    privacy = prepare_privacy(config, train_patients, resume=resume)
+    vocab = privacy.vocab
+    log(privacy.describe(tc.min_patients_per_code))
+    cooc = None if privacy.dp else build_cooccurrence(train_patients, vocab)
     cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
     max_len = config.model.max_positions
     rank = code_rank(vocab, oc.code_order)
@@ -173,7 +176,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
     steps_per_epoch = sum(1 for _ in length_batches(lengths, tc.batch_size, None,
                                                     max_tokens=tc.max_batch_tokens))
-    budget_s = tc.max_minutes * 60.0
+    private = privacy.attach(model, optimizer, oc, tc.seed)  # None unless DP
+    # a DP run's noise is set for train.epochs: it runs them all (no time-budget plan)
+    budget_s = 0.0 if private else tc.max_minutes * 60.0
     schedule = BudgetSchedule(
         warmup_for(tc.warmup_steps, steps_per_epoch, steps_per_epoch * tc.epochs),
         steps_per_epoch * tc.epochs, tc.lr_min_ratio)
@@ -219,7 +224,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             return
         elapsed = elapsed_before + time.perf_counter() - started
         # keep back what follows training (measured) and the export
-        reserve = post_s + 20.0
+        reserve = post_s + min(20.0, 0.1 * budget_s)  # + the export
         wanted = plan_epochs(max_epochs=tc.epochs, epochs_done=epochs_done, budget_s=budget_s,
                              elapsed_s=elapsed, epoch_s=epoch_s, reserve_s=reserve)
         wanted = max(wanted, math.ceil(epochs_done))
@@ -231,7 +236,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     epochs_run = 0
     done = start_epoch >= planned_epochs or (bad_epochs >= tc.patience and tc.patience > 0)
     epoch = start_epoch
-    probe_steps = min(30, steps_per_epoch)
+    probe_steps = min(max(30, steps_per_epoch // 10), steps_per_epoch)
     while not done:
         epoch_start = time.perf_counter()
         rng = np.random.default_rng([tc.seed, epoch])
@@ -239,17 +244,21 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         model.train()
         total, n_tok = 0.0, 0
         code_nll, n_code = 0.0, 0
-        batches = list(length_batches(lengths, tc.batch_size, rng,
-                                      max_tokens=tc.max_batch_tokens))
+        batches = private.batches(epoch) if private else \
+            list(length_batches(lengths, tc.batch_size, rng, max_tokens=tc.max_batch_tokens))
         bar = _progress(batches, progress, f"epoch {epoch + 1}/{planned_epochs}")
         for n_batches, idx in enumerate(bar, start=1):
-            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train").to(device)
-            out = compute_loss(model, batch, oc, cooc_t)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
+            batch = collate([enc_train[i] for i in idx], rng, oc, mode="train").to(device) \
+                if len(idx) else None
+            if private:  # DP-SGD: per-sample clipping and noise replace the plain step
+                out = private.step(batch)
+            else:
+                out = compute_loss(model, batch, oc, cooc_t)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
             scheduler.step()
             total += float(out.loss.detach()) * out.n_tokens
             n_tok += out.n_tokens
@@ -271,16 +280,18 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         fidelity = None
         if tc.monitor == "fidelity":
             engine = sample_engine(model, vocab, **limits)
-            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED)
+            fidelity = validation_fidelity(engine, fid_real, seed=EVAL_SEED,
+                                           min_generated=tc.fidelity_patients)
             model.train()
             score = fidelity["score"]
         else:
             score = val_gen[tc.monitor]
         # what follows training: the test evaluation (two passes) and the calibration's
         # samples (four of up to calibration_patients validation demographics)
-        n_cal = min(tc.calibration_patients or len(split.val), len(split.val))
+        n_cal = tc.calibration_patients or len(split.val)
+        n_fid = max(tc.fidelity_patients, len(fid_real))
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
-            4 * fidelity["seconds"] * n_cal / max(len(fid_real), 1)
+            4 * fidelity["seconds"] * n_cal / max(n_fid, 1)
             if fidelity and tc.calibrate else 0.0)
         if higher_is_better:
             improved = not math.isfinite(best_score) or score > best_score + tc.min_delta
@@ -314,7 +325,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         epochs_run += 1
         replan(epoch + 1, float(np.mean([h["seconds"] for h in history[-3:]])))
         elapsed = elapsed_before + time.perf_counter() - started
-        if epoch + 1 >= planned_epochs:
+        if private and private.exhausted:
+            stopped_by, done = "privacy_budget", True
+        elif epoch + 1 >= planned_epochs:
             stopped_by = "time_budget" if planned_epochs < tc.epochs else "epochs"
             done = True
         elif tc.patience > 0 and bad_epochs >= tc.patience:
@@ -339,11 +352,12 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     test_full = evaluate(model, enc_test, oc, "full", tc.eval_batch_size,
                          max_tokens=tc.eval_max_batch_tokens)
     calibration = None
-    if tc.calibrate:
+    # the calibration's targets are training-split histograms: not released under a DP budget
+    if tc.calibrate and not private:
         cal_real = validation_subsample(split.val, tc.calibration_patients, tc.seed + 29)
         engine = sample_engine(model, vocab, **limits)
         calibration = fit_stop_calibration(
-            engine, cycled_demographics(cal_real, min(tc.calibration_patients, 4000)),
+            engine, cycled_demographics(cal_real, tc.calibration_patients),
             train_patients, seed=EVAL_SEED, log=log)
     model.cpu()
     wall = elapsed_before + time.perf_counter() - started
@@ -376,7 +390,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     sizes["train_used"] = len(train_patients)
     manifest = write_bundle(out_dir, model=model, vocab=vocab, cooccurrence=cooc,
                             train_patients=train_patients, run_config=config.to_dict(),
-                            data=data, splits=sizes, metrics=metrics)
+                            data=data, splits=sizes, metrics=metrics,
+                            privacy=privacy.manifest(tc.min_patients_per_code),
+                            reference=privacy.release.reference_stats if privacy.dp else None)
     if calibration is not None:
         calibration.save(out_dir / CALIBRATION_FILE)
         add_bundle_file(out_dir, CALIBRATION_FILE)

@@ -12,7 +12,9 @@ has exactly two stop decisions, and each is a *hazard*:
 ``</v>`` (indexed by codes so far). The offsets are fitted after training on a sample conditioned
 on the validation split's demographics (``training.calibrate``), so that the generated hazards
 match the training split's histograms; they are stored in the bundle (``calibration.json``) and
-applied by the engine for every strategy, so the service and every strategy inherit them. An
+applied by the engine to every strategy that generates from the demographics alone (``plain``,
+``cooccurrence``, ``rerank``), in the service as in evaluation. ``retrieve_edit`` decodes from a
+retrieved patient's prompt, which already carries its visit count, so it runs uncalibrated. An
 empty calibration changes nothing.
 """
 

@@ -20,6 +20,9 @@ Request semantics:
   before any decoding.
 * ``validity_mask`` (default on): forbid codes inconsistent with the patient's age and sex under
   the CMS MCE v32 edits; off measures the model alone.
+* ``exclude``: codes never generated (masked out of every row, like the validity mask); a code
+  both required and excluded, or an exclusion that leaves a patient no code, raises
+  :class:`ImpossibleConstraintError`.
 * ``seed``: randomness is a function of (seed, patient index, stream, step) only, so the same
   engine, request and seed give byte-identical output (:meth:`GenerationResult.to_json`)
   whatever the batch size, for any model whose rows do not interact (ONNX Runtime kernels may
@@ -47,6 +50,7 @@ from app.decoding.errors import (
     ImpossibleConstraintError,
     InvalidParametersError,
     PrivacyGuardError,
+    StrategyUnavailableError,
     UnknownCodeError,
 )
 from app.decoding.grammar import (
@@ -132,7 +136,8 @@ class Engine:
                  retrieval: RetrievalIndex | None = None, max_visits: int = 20,
                  max_codes_per_visit: int = 40, max_length: int = 256, batch_size: int = 64,
                  edits: CodeEdits | None = None, max_prompt_length: int | None = None,
-                 calibration: StopCalibration | None = None) -> None:
+                 calibration: StopCalibration | None = None,
+                 unavailable: dict[str, str] | None = None) -> None:
         if getattr(model, "vocab_size", len(vocab)) != len(vocab):
             raise ValueError(f"model has {model.vocab_size} tokens, vocabulary {len(vocab)}")
         if batch_size < 1:
@@ -141,6 +146,8 @@ class Engine:
         self.vocab = vocab
         self.cooccurrence = cooccurrence
         self.retrieval = retrieval
+        # strategy -> why this bundle cannot serve it (a DP bundle: no co-occurrence, no index)
+        self.unavailable: dict[str, str] = dict(unavailable or {})
         self.max_visits = max_visits
         self.max_codes_per_visit = max_codes_per_visit
         self.max_length = max_length
@@ -176,7 +183,9 @@ class Engine:
                     bundle.file(name)  # checksum verified where the bundle registers it
         vocab = bundle.vocab
         stats = bundle.reference_stats or {}
-        cooc = CooccurrenceStats.from_vocab(bundle.cooccurrence, vocab, stats.get("n_visits"))
+        cooc = None if bundle.cooccurrence is None else \
+            CooccurrenceStats.from_vocab(bundle.cooccurrence, vocab, stats.get("n_visits"))
+        dp = (bundle.manifest.get("privacy") or {}).get("differential_privacy") or {}
         retrieval = None
         if any(bundle.has_file(n) for n in ("train_index.json.gz", "train_index.json")):
             retrieval = RetrievalIndex.from_records(bundle.load_train_index(), vocab)
@@ -189,7 +198,8 @@ class Engine:
             "max_visits": max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
             "max_codes_per_visit": max((int(k) for k in stats.get("codes_per_visit", {})),
                                        default=40),
-            "batch_size": batch_size, "calibration": calibration}
+            "batch_size": batch_size, "calibration": calibration,
+            "unavailable": dict(dp.get("unavailable_strategies") or {})}
         options.update(overrides)
         model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
@@ -289,11 +299,15 @@ class Engine:
                  must_include: Any = None, validity_mask: bool = True,
                  batch_size: int | None = None, id_prefix: str = "synthetic",
                  row_seeds: Sequence[int] | None = None,
-                 row_indices: Sequence[int] | None = None) -> GenerationResult:
+                 row_indices: Sequence[int] | None = None,
+                 exclude: Sequence[str] | None = None) -> GenerationResult:
         """Generate one patient per entry of ``demographics`` (see the module docstring)."""
         started = time.perf_counter()
         self.model_seconds = 0.0
         parsed = parse_params(strategy, params)
+        if strategy in self.unavailable:
+            raise StrategyUnavailableError(
+                f"strategy {strategy!r} is not available: {self.unavailable[strategy]}")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise InvalidParametersError(f"seed: must be a non-negative integer, got {seed!r}")
         seed = int(seed)
@@ -305,6 +319,7 @@ class Engine:
         required = self._required(must_include, ages, sexes, validity_mask, grammar)
         if validity_mask:
             self._check_some_code_valid(ages, sex_ids)
+        banned = self._banned(exclude, required, ages, sex_ids, validity_mask)
         n = len(sexes)
         seeds, index = self._row_keys_of(n, seed, row_seeds, row_indices)
         attempts = None
@@ -313,13 +328,14 @@ class Engine:
                 raise InvalidParametersError(
                     "rerank: coherence_weight > 0 needs the bundle's co-occurrence matrix")
             tokens, loglik = self._rerank(index, ages, sex_ids, required, seeds, parsed,
-                                          grammar, validity_mask, batch)
+                                          grammar, validity_mask, batch, banned=banned)
         elif isinstance(parsed, RetrieveEditParams):
             if self.retrieval is None:
                 raise InvalidParametersError(
                     "retrieve_edit: this bundle has no retrieval index of training patients")
             tokens, loglik, attempts = self._retrieve_edit(
-                index, ages, sex_ids, required, seeds, parsed, grammar, validity_mask, batch)
+                index, ages, sex_ids, required, seeds, parsed, grammar, validity_mask, batch,
+                banned=banned)
         else:
             if isinstance(parsed, CooccurrenceParams) and parsed.alpha > 0 \
                     and self.cooccurrence is None:
@@ -328,7 +344,7 @@ class Engine:
             prompts = [empty_prompt(self.vocab)] * n
             keys = row_keys(_key_seeds(seeds), index, 0)
             chunk = self._decode(prompts, ages, sex_ids, keys, required, parsed, grammar,
-                                 validity_mask, batch)
+                                 validity_mask, batch, banned=banned)
             tokens, loglik = chunk.tokens, chunk.loglik
         token_lists = [self._trim(row) for row in tokens]
         patients = [Patient(f"{id_prefix}-{seeds[i]}-{index[i]}", float(ages[i]), sexes[i],
@@ -409,9 +425,39 @@ class Engine:
         return visits
 
     # -- the decoding loop --------------------------------------------------------------------
+    def _banned(self, exclude: Sequence[str] | None, required: list[list[int]],
+                ages: np.ndarray, sex_ids: np.ndarray, validity_mask: bool) -> np.ndarray | None:
+        """Token ids of the excluded codes (None: nothing excluded), after checking that no
+        required code is excluded and that every patient keeps at least one code."""
+        if not exclude:
+            return None
+        try:
+            banned = np.unique([self._code_token(c) for c in exclude]).astype(np.int64)
+        except UnknownCodeError as err:
+            raise UnknownCodeError(str(err).replace("must_include:", "exclude:", 1)) from None
+        from app.decoding.targeting import TargetError  # (an ImpossibleConstraintError)
+
+        for i, ids in enumerate(required):
+            clash = set(ids) & set(banned.tolist())
+            if clash:
+                code = self.vocab.tokens[min(clash)]
+                raise TargetError("exclude", f"code {code} is both required and excluded for "
+                                  f"patient {i}")
+        ok = (self.validity.mask(ages, sex_ids) if validity_mask
+              else np.ones((ages.size, len(self.vocab)), dtype=bool))
+        ok[:, :N_SPECIAL] = False
+        ok[:, banned] = False
+        empty = np.flatnonzero(~ok.any(axis=1))
+        if empty.size:
+            raise TargetError("exclude", f"no code is left for patient {int(empty[0])} (age "
+                              f"{ages[empty[0]]:g}) once the excluded codes are removed")
+        return banned
+
     def _decode(self, prompts: Sequence[Sequence[int]], ages: np.ndarray, sex_ids: np.ndarray,
                 keys: np.ndarray, required: Sequence[Sequence[int]], params: PlainParams,
-                grammar: Grammar, validity_mask: bool, batch: int, repeat: int = 1) -> _Chunk:
+                grammar: Grammar, validity_mask: bool, batch: int, repeat: int = 1,
+                calibrate: bool = True,
+                banned: np.ndarray | None = None) -> _Chunk:
         """Decode ``len(prompts) * repeat`` rows (row ``i * repeat + j`` = patient ``i``)."""
         n = len(prompts)
         per_chunk = max(1, batch // repeat)
@@ -420,7 +466,7 @@ class Engine:
             hi = min(n, lo + per_chunk)
             parts.append(self._decode_chunk(
                 prompts[lo:hi], ages[lo:hi], sex_ids[lo:hi], keys[lo * repeat:hi * repeat],
-                required[lo:hi], params, grammar, validity_mask, repeat))
+                required[lo:hi], params, grammar, validity_mask, repeat, banned, calibrate))
         if not parts:
             return _Chunk(np.zeros((0, grammar.max_length), dtype=np.int64),
                           np.zeros(0), np.zeros(0, dtype=np.int64))
@@ -431,7 +477,8 @@ class Engine:
     def _decode_chunk(self, prompts: Sequence[Sequence[int]], ages: np.ndarray,
                       sex_ids: np.ndarray, keys: np.ndarray, required: Sequence[Sequence[int]],
                       params: PlainParams, grammar: Grammar, validity_mask: bool,
-                      repeat: int) -> _Chunk:
+                      repeat: int, banned: np.ndarray | None = None,
+                      calibrate: bool = True) -> _Chunk:
         vocab_size = len(self.vocab)
         pad_id, bos_id = self.vocab.index[PAD], self.vocab.index[BOS]
         ids, attention = pad_prompts(prompts, pad_id)
@@ -448,6 +495,8 @@ class Engine:
             code_ok = self.validity.mask(ages[rep], sex_ids[rep])
         else:
             code_ok = np.ones((rows, vocab_size), dtype=bool)
+        if banned is not None:
+            code_ok[:, banned] = False  # excluded codes: never sampled
         req = np.zeros((rows, vocab_size), dtype=bool)
         for row, patient in enumerate(rep):
             req[row, list(required[patient])] = True
@@ -472,7 +521,7 @@ class Engine:
             live = gstate.phase != DONE
             in_visit = gstate.phase == IN_VISIT
             scores = logp
-            if self.calibration is not None:
+            if calibrate and self.calibration is not None:
                 scores = self.calibration.apply(scores, gstate.phase == AFTER_VISIT,
                                                 gstate.n_visits, in_visit, gstate.n_codes,
                                                 EOS_ID, END_VISIT_ID)
@@ -511,14 +560,14 @@ class Engine:
     def _rerank(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
                 required: list[list[int]], seeds: list[int], params: RerankParams,
                 grammar: Grammar, validity_mask: bool,
-                batch: int) -> tuple[np.ndarray, np.ndarray]:
+                batch: int, banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = params.candidates
         n = index.size
         prompts = [empty_prompt(self.vocab)] * n
         keys = row_keys(np.repeat(_key_seeds(seeds), k), np.repeat(index, k),
                         np.tile(np.arange(k), n))
         chunk = self._decode(prompts, ages, sex_ids, keys, required, params, grammar,
-                             validity_mask, batch, repeat=k)
+                             validity_mask, batch, repeat=k, banned=banned)
         coherence = np.zeros(n * k)
         if params.coherence_weight > 0:
             coherence = self.cooccurrence.coherence_many(
@@ -566,8 +615,9 @@ class Engine:
 
     def _retrieve_edit(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
                        required: list[list[int]], seeds: list[int], params: RetrieveEditParams,
-                       grammar: Grammar, validity_mask: bool,
-                       batch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                       grammar: Grammar, validity_mask: bool, batch: int,
+                       banned: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         assert self.retrieval is not None
         n = index.size
         key_seeds = _key_seeds(seeds)
@@ -580,9 +630,11 @@ class Engine:
             prompts = [self._edit_prompt(int(index[i]), float(ages[i]), int(sex_ids[i]),
                                          seeds[i], attempt, params, last) for i in pending]
             keys = row_keys(key_seeds[pending], index[pending], attempt)
+            # The stop calibration was fitted on demographics-only prompts; a retrieved
+            # patient's prompt already tells the model how many visits to write.
             chunk = self._decode(prompts, ages[pending], sex_ids[pending], keys,
                                  [required[i] for i in pending], params, grammar,
-                                 validity_mask, batch)
+                                 validity_mask, batch, banned=banned, calibrate=False)
             visits = [self._code_ids(self._trim(r)) for r in chunk.tokens]
             distance = self.retrieval.nearest_distance(
                 [[c for v in vs for c in v] for vs in visits])

@@ -7,6 +7,7 @@ __all__ = [
     "ImpossibleConstraintError",
     "InvalidParametersError",
     "PrivacyGuardError",
+    "StrategyUnavailableError",
     "UnknownCodeError",
 ]
 
@@ -29,3 +30,7 @@ class InvalidParametersError(GenerationError):
 
 class PrivacyGuardError(GenerationError):
     """retrieve_edit could not produce a patient far enough from every training patient."""
+
+
+class StrategyUnavailableError(InvalidParametersError):
+    """A strategy the bundle cannot serve (e.g. ``retrieve_edit`` on a DP bundle); says why."""

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -46,11 +46,13 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.athena import load_athena
 from app.decoding.errors import (
     GenerationError,
     ImpossibleConstraintError,
     InvalidParametersError,
     PrivacyGuardError,
+    StrategyUnavailableError,
     UnknownCodeError,
 )
 from app.decoding.params import work_of
@@ -62,10 +64,12 @@ from app.service.jobs import (
     iter_result,
     job_id_for,
     new_record,
+    possible_demographics,
     result_available,
     results_folder,
     status_of,
 )
+from app.service.models import GeneratorSet, UnknownModelError, model_name
 from app.service.redact import redact_text
 from app.service.schemas import (
     CodeDetail,
@@ -95,7 +99,8 @@ model trained offline. Nothing served is a training record.
 
 * `POST /v1/patients`: up to 100 patients at once, synchronously.
 * `POST /v1/cohorts`: a cohort (up to 100,000) as a background job; poll
-  `GET /v1/cohorts/{id}`, then download `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3`.
+  `GET /v1/cohorts/{id}`, then download
+  `GET /v1/cohorts/{id}/result?format=json|ndjson|csv|mimic3|omop|fhir|parquet`.
   An identical request (spec, seed, model) returns the same job or its cached result.
 
 Invalid requests get `422` with the offending field (`loc`, `field`) and the reason (`msg`),
@@ -141,8 +146,12 @@ class _Invalid(Exception):
 
 
 def _generation_error_field(err: GenerationError) -> str:
+    if getattr(err, "field", None):  # targeting errors name their field
+        return err.field
     if isinstance(err, (UnknownCodeError, ImpossibleConstraintError)):
         return "must_include"
+    if isinstance(err, StrategyUnavailableError):
+        return "strategy"
     if isinstance(err, InvalidParametersError):
         return "params"
     if isinstance(err, PrivacyGuardError):
@@ -353,6 +362,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
     if store is None:
         store = make_store(settings.redis_url, settings.key_prefix)
     state = ServiceState(settings, store, generator)
+    # A bad Athena folder stops start-up here, naming the file or column (app.athena).
+    concepts = (load_athena(settings.athena_vocabulary)
+                if settings.athena_vocabulary is not None else None)
     metrics = _Metrics()
 
     def load() -> None:
@@ -362,10 +374,10 @@ def create_app(settings: Settings | None = None, *, generator=None,
             if generator_factory is not None:
                 state.generator = generator_factory(settings)
             else:
-                from app.service.generation import load_generator
+                from app.service.models import load_configured
 
-                state.generator = load_generator(settings.bundle, settings.ort_threads)
-            log.info("bundle loaded", extra={"bundle": str(settings.bundle),
+                state.generator = load_configured(settings)
+            log.info("bundle loaded", extra={"bundle": settings.bundles or str(settings.bundle),
                                              "version": state.generator.bundle_version})
         except Exception as err:  # noqa: BLE001 - stay up, report not-ready with the reason
             log.error("bundle not loaded: the service is not ready",
@@ -489,6 +501,19 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 on_batch=lambda requests, patients: metrics.batch.observe(patients))
         return batcher
 
+    def model_generator(model: str | None):
+        """The generator a request's ``model`` names (422 for an unknown one)."""
+        gen = ready_generator()
+        if isinstance(gen, GeneratorSet):
+            try:
+                return gen.for_model(model)
+            except UnknownModelError as err:
+                raise _Invalid("model", str(err)) from None
+        if model is not None and model != model_name(gen):
+            raise _Invalid("model", f"unknown model {model!r}; loaded: "
+                                    f"{model_name(gen) or 'one unnamed bundle'}")
+        return gen
+
     async def bounded(request: Request, work: Any) -> Any:
         """Await ``work`` for at most ``request_timeout_s``, and only while the client is
         there. Either way out cancels it, which tells the inference thread to stop at its next
@@ -514,6 +539,12 @@ def create_app(settings: Settings | None = None, *, generator=None,
                                  "(request_timeout_s) and was stopped: ask for fewer patients "
                                  "or candidates")
 
+    def check_strategy(gen, strategy: str) -> None:
+        """422 on ``strategy`` where the bundle cannot serve it (e.g. a DP bundle)."""
+        reason = (getattr(gen, "unavailable", None) or {}).get(strategy)
+        if reason:
+            raise _Invalid("strategy", f"strategy {strategy!r} is not available: {reason}")
+
     def check_codes(gen, codes: list[str]) -> None:
         for i, code in enumerate(codes):
             if not gen.has_code(code):
@@ -526,24 +557,50 @@ def create_app(settings: Settings | None = None, *, generator=None,
                         503: {"description": "No model loaded"},
                         504: {"description": "Ran past `request_timeout_s`; generation stopped"}})
     async def post_patients(body: PatientsRequest, request: Request) -> Any:
-        gen = ready_generator()
+        gen = model_generator(body.model)
         demographics = body.demographics()
         check_limits(body.strategy, body.params, len(demographics),
                      "patients" if body.patients is not None else "n",
                      settings.max_patients_per_request, settings.max_decoded_rows,
                      settings.max_retries_per_request)
+        check_strategy(gen, body.strategy)
         check_codes(gen, body.must_include)
         seed = body.seed if body.seed is not None else secrets.randbits(63)
+        if body.any_of or body.exclude:  # targeted: its own engine calls (not micro-batched)
+            patients = await bounded(request, targeted(gen, body, demographics, seed))
+            return patients_response(gen, body, seed, demographics, patients)
         # Concurrent requests of equal strategy/params/validity share one engine call in the
         # inference pool (app.service.batcher); each gets exactly the patients it would alone.
         patients = await bounded(request, batcher_for(gen).generate(
             demographics, strategy=body.strategy, params=body.params, seed=seed,
             must_include=body.must_include, validity_mask=body.validity_mask))
+        return patients_response(gen, body, seed, demographics, patients)
+
+    async def targeted(gen, body: PatientsRequest, demographics: list[tuple[float, str]],
+                       seed: int) -> list:
+        """A targeted request in the inference pool; cancelled (timeout, client gone), the
+        thread stops at its next engine batch, as the micro-batcher's requests do."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                state.pool, lambda: gen.generate(
+                    demographics, strategy=body.strategy, params=body.params, seed=seed,
+                    must_include=body.must_include, validity_mask=body.validity_mask,
+                    any_of=body.any_of, exclude=body.exclude, should_stop=cancel.is_set))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def patients_response(gen, body: PatientsRequest, seed: int,
+                          demographics: list[tuple[float, str]], patients: list) -> JSONResponse:
         metrics.patients.labels(body.strategy).inc(len(patients))
         tag = hashlib.sha256(f"{seed}:{gen.bundle_version}".encode()).hexdigest()[:8]
-        rows = [exports.patient_out({"id": f"syn-{tag}-{i + 1:03d}", "age": a, "sex": s,
-                                     "visits": [list(v) for v in p.visits]})
+        context = exports.ExportContext.for_result(
+            f"patients:{seed}:{gen.bundle_version}", getattr(gen, "visit_intervals", None))
+        rows = [{"id": f"syn-{tag}-{i + 1:03d}", "n": i + 1, "age": a, "sex": s,
+                 "visits": [list(v) for v in p.visits]}
                 for i, (p, (a, s)) in enumerate(zip(patients, demographics, strict=True))]
+        rows = [exports.patient_out(row, context.dates(row)) for row in rows]
         return JSONResponse({"bundle_version": gen.bundle_version, "strategy": body.strategy,
                              "seed": seed, "patients": rows})
 
@@ -559,10 +616,18 @@ def create_app(settings: Settings | None = None, *, generator=None,
                         429: {"description": "Too many unfinished cohorts of this client"},
                         503: {"description": "No model loaded, or the store is unreachable"}})
     def post_cohort(spec: CohortSpec, response: Response, request: Request) -> Any:
-        gen = ready_generator()
+        gen = model_generator(spec.model)
+        if isinstance(state.generator, GeneratorSet):  # the default by name: one cache key
+            spec = spec.model_copy(update={"model": state.generator.name_of(spec.model)})
         check_limits(spec.strategy, spec.params, spec.size, "size", settings.max_cohort_size,
                      settings.max_cohort_decoded_rows, settings.max_cohort_retries)
+        check_strategy(gen, spec.strategy)
         check_codes(gen, spec.must_include)
+        check_target = getattr(gen, "check_target", None)
+        if check_target is not None:  # infeasible targeting: 422 now, not a failed job later
+            ages, sexes = possible_demographics(spec)
+            check_target(ages, sexes, spec.must_include, spec.any_of, spec.exclude,
+                         spec.validity_mask)
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
                             settings.generation_batch,
@@ -636,17 +701,13 @@ def create_app(settings: Settings | None = None, *, generator=None,
     @v1.get("/cohorts/{job_id}/result", tags=["cohorts"],
             summary="Download a finished cohort (streamed)",
             response_class=StreamingResponse,
-            responses={200: {"description": "The cohort", "content": {
-                "application/json": {}, "application/x-ndjson": {}, "text/csv": {},
-                "application/zip": {}}},
+            responses={200: {"description": "The cohort", "content": exports.openapi_content()},
                 404: {"description": "Unknown job"},
                 409: {"description": "The job is not done"},
                 410: {"description": "The result expired from the store"}})
     def get_result(job_id: JobId,
-                   format: Annotated[Literal["json", "ndjson", "csv", "mimic3"], Query(
-                       description="`json`, `ndjson`, `csv` (long, one row per code) or "
-                                   "`mimic3` (zip of PATIENTS, ADMISSIONS, DIAGNOSES_ICD)")]
-                   = "json") -> Any:
+                   format: Annotated[exports.Format, Query(
+                       description=exports.format_description())] = "json") -> Any:
         record = get_record(job_id)
         if record["status"] != "done":
             return JSONResponse(status_code=409, content={
@@ -660,18 +721,29 @@ def create_app(settings: Settings | None = None, *, generator=None,
                           "submit the cohort again to regenerate it"})
         meta = {"id": job_id, "bundle_version": record.get("bundle_version", ""),
                 "count": int(record["total"])}
-        body = exports.stream(format, lambda: iter_result(store, record), meta)
+        gen = state.generator
+        if isinstance(gen, GeneratorSet):
+            gen = gen.by_version(record.get("bundle_version", "")) or gen
+        context = exports.ExportContext.for_result(
+            job_id, getattr(gen, "visit_intervals", None), concepts)
+        body = exports.stream(format, lambda: iter_result(store, record), meta, context)
         name = f"cohort-{job_id[:12]}.{exports.EXTENSIONS[format]}"
         return StreamingResponse(body, media_type=exports.MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="{name}"',
             "ETag": f'"{job_id}-{format}"'})
 
     @v1.get("/models", response_model=ModelInfo, tags=["model"],
-            summary="The loaded bundle's manifest and evaluation summary")
+            summary="The loaded bundles' manifests and evaluation summaries (default first)")
     def get_models() -> Any:
         gen = ready_generator()
-        return ModelInfo(bundle_version=gen.bundle_version, strategies=list(gen.strategies),
-                         manifest=gen.manifest, evaluation=gen.evaluation)
+        named = (gen.generators if isinstance(gen, GeneratorSet)
+                 else {model_name(gen): gen})
+        infos = [ModelInfo(name=name, default=i == 0, bundle_version=g.bundle_version,
+                           strategies=list(g.strategies), manifest=g.manifest,
+                           evaluation=g.evaluation, privacy=g.manifest.get("privacy"),
+                           unavailable_strategies=dict(getattr(g, "unavailable", {}) or {}))
+                 for i, (name, g) in enumerate(named.items())]
+        return infos[0].model_copy(update={"models": infos})
 
     @v1.get("/codes/{code}", response_model=CodeDetail, tags=["model"],
             summary="An ICD-9-CM code's category, chapter and description",

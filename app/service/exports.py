@@ -4,13 +4,20 @@ Rows come from :func:`app.service.jobs.iter_result`: ``{"id", "n", "age", "sex",
 
 * ``json``   - one object: ``{"id", "bundle_version", "count", "patients": [...]}``;
 * ``ndjson`` - one patient object a line;
-  (patients in both carry each code with its category, chapter and description, as
-  ``POST /v1/patients`` does)
+  (patients in both carry a ``birth_date``, each visit its ``start`` and ``end`` and each code
+  its category, chapter and description, as ``POST /v1/patients`` does)
 * ``csv``    - the long format of the project's ``generic`` loader, one row per code:
-  ``patient_id, visit_id, visit_seq, code, age, sex, category, chapter, description``;
+  ``patient_id, visit_id, visit_seq, code, age, sex, category, chapter, description,
+  visit_time, visit_end, birth_date``;
 * ``mimic3`` - a zip of ``PATIENTS.csv``, ``ADMISSIONS.csv`` and ``DIAGNOSES_ICD.csv`` in the
   MIMIC-III v1.4 schema: synthetic ``SUBJECT_ID``/``HADM_ID``/``ROW_ID`` and dates shifted into
-  2100-2200 as MIMIC's are, so that a pipeline written for MIMIC-III reads it unchanged.
+  2100-2200 as MIMIC's are, so that a pipeline written for MIMIC-III reads it unchanged;
+* ``omop``   - a zip of OMOP CDM 5.4 tables (:mod:`app.service.export_omop`);
+* ``fhir``   - FHIR R4 NDJSON, one ``Bundle`` per patient (:mod:`app.service.export_fhir`);
+* ``parquet`` - the long format as typed Parquet (:mod:`app.service.export_parquet`).
+
+Every format dates visits the same way (:mod:`app.dating`, through :class:`ExportContext`): the
+same result and seed give the same birth and visit dates in every format.
 """
 
 from __future__ import annotations
@@ -20,19 +27,94 @@ import io
 import json
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
+from typing import Any, Literal
 
+from app.athena import ConceptMap
+from app.dating import Dater, PatientDates
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import load_hierarchy
 
-__all__ = ["FORMATS", "MEDIA_TYPES", "code_detail", "patient_out", "stream"]
+__all__ = ["EXTENSIONS", "FORMATS", "MEDIA_TYPES", "ExportContext", "code_detail",
+           "patient_out", "stream"]
 
-FORMATS = ("json", "ndjson", "csv", "mimic3")
+FORMATS = ("json", "ndjson", "csv", "mimic3", "omop", "fhir", "parquet")
 MEDIA_TYPES = {"json": "application/json", "ndjson": "application/x-ndjson",
-               "csv": "text/csv; charset=utf-8", "mimic3": "application/zip"}
-EXTENSIONS = {"json": "json", "ndjson": "ndjson", "csv": "csv", "mimic3": "zip"}
+               "csv": "text/csv; charset=utf-8", "mimic3": "application/zip",
+               "omop": "application/zip", "fhir": "application/fhir+ndjson",
+               "parquet": "application/vnd.apache.parquet"}
+EXTENSIONS = {"json": "json", "ndjson": "ndjson", "csv": "csv", "mimic3": "zip",
+              "omop": "omop.zip", "fhir": "fhir.ndjson", "parquet": "parquet"}
+FORMAT_HELP = {
+    "json": "one JSON object with every patient",
+    "ndjson": "one patient object a line",
+    "csv": "the long format, one row per code",
+    "mimic3": "zip of MIMIC-III PATIENTS, ADMISSIONS, DIAGNOSES_ICD",
+    "omop": "zip of OMOP CDM 5.4 person, observation_period, visit_occurrence, "
+            "condition_occurrence",
+    "fhir": "FHIR R4 NDJSON, one Bundle (collection) per patient",
+    "parquet": "the long format as typed Parquet"}
 FLUSH_BYTES = 1 << 16
+DATE = "%Y-%m-%d"
+Format = Literal["json", "ndjson", "csv", "mimic3", "omop", "fhir", "parquet"]
+# What /docs shows for each format (abridged first bytes of a real result).
+_EXAMPLES = {
+    "json": '{"id":"0f3c...","bundle_version":"demo-1a2b3c4d5e6f","count":1,"patients":[{'
+            '"patient_id":"syn-0f3c2a9b-000001","age":67.0,"sex":"F","birth_date":"2101-03-02",'
+            '"visits":[{"start":"2168-05-01 10:12:00","end":"2168-05-06 08:00:00","codes":[{'
+            '"code":"4019","category":"401","chapter":"390-459","chapter_title":"...",'
+            '"description":"Unspecified essential hypertension"}]}]}]}',
+    "ndjson": '{"patient_id":"syn-0f3c2a9b-000001","age":67.0,"sex":"F",'
+              '"birth_date":"2101-03-02","visits":[...]}',
+    "csv": "patient_id,visit_id,visit_seq,code,age,sex,category,chapter,description,"
+           "visit_time,visit_end,birth_date\nsyn-0f3c2a9b-000001,syn-0f3c2a9b-000001-v1,1,"
+           "4019,67.0,F,401,390-459,Unspecified essential hypertension,2168-05-01 10:12:00,"
+           "2168-05-06 08:00:00,2101-03-02",
+    "mimic3": "(zip) PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv",
+    "omop": "(zip) person.csv, observation_period.csv, visit_occurrence.csv, "
+            "condition_occurrence.csv",
+    "fhir": '{"resourceType":"Bundle","type":"collection","entry":[{"resource":{'
+            '"resourceType":"Patient",...}},{"resource":{"resourceType":"Encounter",...}},'
+            '{"resource":{"resourceType":"Condition","code":{"coding":[{'
+            '"system":"http://hl7.org/fhir/sid/icd-9-cm","code":"401.9",'
+            '"display":"Unspecified essential hypertension"}]},...}}]}',
+    "parquet": "(binary) columns patient_id, person_number, age, sex, birth_date, visit_id, "
+               "visit_seq, visit_start, visit_end, code, category, chapter, description",
+}
+
+
+def format_description() -> str:
+    """The ``format`` query parameter's description: every format with what it holds."""
+    return "; ".join(f"`{f}` ({FORMAT_HELP[f]}, {MEDIA_TYPES[f]})" for f in FORMATS) + "."
+
+
+def openapi_content() -> dict[str, dict]:
+    """The result's OpenAPI ``content``: each media type with an example per format."""
+    content: dict[str, dict] = {}
+    for fmt in FORMATS:
+        media = MEDIA_TYPES[fmt].split(";")[0]
+        content.setdefault(media, {"examples": {}})["examples"][fmt] = {
+            "summary": f"format={fmt}: {FORMAT_HELP[fmt]}", "value": _EXAMPLES[fmt]}
+    return content
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What every format needs beyond the rows: the dating scheme of this result (its salt is
+    the result's identity) and, for OMOP, the deployment's Athena concept map (or None)."""
+
+    dater: Dater
+    concepts: ConceptMap | None = None
+
+    @classmethod
+    def for_result(cls, salt: str, intervals: dict[str, Any] | None = None,
+                   concepts: ConceptMap | None = None) -> ExportContext:
+        return cls(Dater(intervals, salt), concepts)
+
+    def dates(self, row: dict) -> PatientDates:
+        return self.dater.date(int(row["n"]), float(row["age"]), len(row["visits"]))
 
 
 @lru_cache(maxsize=65_536)
@@ -48,17 +130,31 @@ def code_detail(code: str) -> dict:
             "description": info.description or info.category_description}
 
 
-def patient_out(row: dict) -> dict:
+def _iso(moment: datetime) -> str:
+    return moment.strftime(FMT)
+
+
+def patient_out(row: dict, dates: PatientDates | None = None) -> dict:
+    """A patient as the JSON formats and ``POST /v1/patients`` write it (dates where given)."""
+    if dates is None:
+        return {"patient_id": row["id"], "age": row["age"], "sex": row["sex"],
+                "visits": [{"codes": [code_detail(c) for c in visit]}
+                           for visit in row["visits"]]}
     return {"patient_id": row["id"], "age": row["age"], "sex": row["sex"],
-            "visits": [{"codes": [code_detail(c) for c in visit]} for visit in row["visits"]]}
+            "birth_date": dates.birth.strftime(DATE),
+            "visits": [{"start": _iso(start), "end": _iso(end),
+                        "codes": [code_detail(c) for c in visit]}
+                       for visit, (start, end) in zip(row["visits"], dates.visits,
+                                                      strict=True)]}
 
 
-def _json(rows: Iterable[dict], meta: dict) -> Iterator[bytes]:
+def _json(rows: Iterable[dict], meta: dict, context: ExportContext) -> Iterator[bytes]:
     head = json.dumps(meta, separators=(",", ":"))[:-1]
     buf = [head.encode(), b',"patients":[']
     size = 0
     for i, row in enumerate(rows):
-        part = (b"," if i else b"") + json.dumps(patient_out(row), separators=(",", ":")).encode()
+        out = patient_out(row, context.dates(row))
+        part = (b"," if i else b"") + json.dumps(out, separators=(",", ":")).encode()
         buf.append(part)
         size += len(part)
         if size >= FLUSH_BYTES:
@@ -68,11 +164,12 @@ def _json(rows: Iterable[dict], meta: dict) -> Iterator[bytes]:
     yield b"".join(buf)
 
 
-def _ndjson(rows: Iterable[dict]) -> Iterator[bytes]:
+def _ndjson(rows: Iterable[dict], context: ExportContext) -> Iterator[bytes]:
     buf: list[bytes] = []
     size = 0
     for row in rows:
-        part = json.dumps(patient_out(row), separators=(",", ":")).encode() + b"\n"
+        out = patient_out(row, context.dates(row))
+        part = json.dumps(out, separators=(",", ":")).encode() + b"\n"
         buf.append(part)
         size += len(part)
         if size >= FLUSH_BYTES:
@@ -106,20 +203,23 @@ class _Sink:
 
 
 CSV_HEADER = ["patient_id", "visit_id", "visit_seq", "code", "age", "sex", "category",
-              "chapter", "description"]
+              "chapter", "description", "visit_time", "visit_end", "birth_date"]
 
 
-def _csv(rows: Iterable[dict]) -> Iterator[bytes]:
+def _csv(rows: Iterable[dict], context: ExportContext) -> Iterator[bytes]:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(CSV_HEADER)
     for row in rows:
+        dates = context.dates(row)
+        birth = dates.birth.strftime(DATE)
         for seq, visit in enumerate(row["visits"], start=1):
+            start, end = _iso(dates.visits[seq - 1][0]), _iso(dates.visits[seq - 1][1])
             for code in visit:
                 d = code_detail(code)
                 writer.writerow([row["id"], f"{row['id']}-v{seq}", seq, code, row["age"],
                                  row["sex"], d["category"], d["chapter"],
-                                 d["description"] or ""])
+                                 d["description"] or "", start, end, birth])
         if text.tell() >= FLUSH_BYTES:
             yield text.getvalue().encode()
             text.seek(0)
@@ -137,32 +237,10 @@ ADMISSIONS_HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "ADMITTIME", "DISCHTIME"
                      "EDOUTTIME", "DIAGNOSIS", "HOSPITAL_EXPIRE_FLAG", "HAS_CHARTEVENTS_DATA"]
 DIAGNOSES_HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "SEQ_NUM", "ICD9_CODE"]
 HADM_BASE = 100_000
-EPOCH = datetime(2100, 1, 1)
 FMT = "%Y-%m-%d %H:%M:%S"
 
 
-def _mix(n: int, salt: int) -> int:
-    """A cheap deterministic integer hash (so dates do not encode the patient's order)."""
-    x = (n * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    x ^= x >> 31
-    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
-    return x ^ (x >> 29)
-
-
-def _admissions(row: dict) -> list[tuple[datetime, datetime]]:
-    """Synthetic (admit, discharge) times of a patient's visits, in time order."""
-    n = int(row["n"])
-    first = EPOCH + timedelta(days=_mix(n, 1) % 36_500, minutes=_mix(n, 2) % 1440)
-    times = []
-    admit = first
-    for k in range(len(row["visits"])):
-        stay = timedelta(days=1 + _mix(n, 10 + k) % 10, minutes=_mix(n, 50 + k) % 1440)
-        times.append((admit, admit + stay))
-        admit = admit + stay + timedelta(days=14 + _mix(n, 100 + k) % 700)
-    return times
-
-
-def _zip_csv(zf: zipfile.ZipFile, sink: _Sink, name: str, header: list[str],
+def _zip_csv(zf: zipfile.ZipFile, sink: _Sink, name: str, header: list[str] | tuple[str, ...],
              rows: Iterable[list]) -> Iterator[bytes]:
     """Write one CSV member of ``zf``, yielding the compressed bytes as they pile up."""
     with zf.open(name, "w", force_zip64=True) as raw:
@@ -179,20 +257,17 @@ def _zip_csv(zf: zipfile.ZipFile, sink: _Sink, name: str, header: list[str],
     yield sink.drain()
 
 
-def _patients_rows(rows: Iterable[dict]) -> Iterator[list]:
+def _patients_rows(rows: Iterable[dict], context: ExportContext) -> Iterator[list]:
     for row in rows:
         n = int(row["n"])
-        admit = _admissions(row)[0][0] if row["visits"] else EPOCH
-        dob = admit - timedelta(days=float(row["age"]) * 365.2425)
-        dob = dob.replace(hour=0, minute=0, second=0, microsecond=0)
-        yield [n, n, row["sex"], dob.strftime(FMT), "", "", "", 0]
+        yield [n, n, row["sex"], context.dates(row).birth.strftime(FMT), "", "", "", 0]
 
 
-def _admissions_rows(rows: Iterable[dict]) -> Iterator[list]:
+def _admissions_rows(rows: Iterable[dict], context: ExportContext) -> Iterator[list]:
     hadm = HADM_BASE
     for row in rows:
         n = int(row["n"])
-        for admit, discharge in _admissions(row):
+        for admit, discharge in context.dates(row).visits:
             hadm += 1
             yield [hadm - HADM_BASE, n, hadm, admit.strftime(FMT), discharge.strftime(FMT), "",
                    "EMERGENCY", "EMERGENCY ROOM ADMIT", "HOME", "Other", "", "", "",
@@ -210,29 +285,45 @@ def _diagnoses_rows(rows: Iterable[dict]) -> Iterator[list]:
                 yield [row_id, n, hadm, seq, code]
 
 
-def _mimic3_files(rows_factory: Callable[[], Iterable[dict]]) -> Iterator[bytes]:
+def _mimic3_files(rows_factory: Callable[[], Iterable[dict]],
+                  context: ExportContext) -> Iterator[bytes]:
     """The MIMIC-III zip: three passes over the patients, one per table (admission ids agree
     because ADMISSIONS and DIAGNOSES_ICD number visits in the same order)."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         yield from _zip_csv(zf, sink, "PATIENTS.csv", PATIENTS_HEADER,
-                            _patients_rows(rows_factory()))
+                            _patients_rows(rows_factory(), context))
         yield from _zip_csv(zf, sink, "ADMISSIONS.csv", ADMISSIONS_HEADER,
-                            _admissions_rows(rows_factory()))
+                            _admissions_rows(rows_factory(), context))
         yield from _zip_csv(zf, sink, "DIAGNOSES_ICD.csv", DIAGNOSES_HEADER,
                             _diagnoses_rows(rows_factory()))
     yield sink.drain()
 
 
-def stream(fmt: str, rows_factory: Callable[[], Iterable[dict]], meta: dict) -> Iterator[bytes]:
+def stream(fmt: str, rows_factory: Callable[[], Iterable[dict]], meta: dict,
+           context: ExportContext | None = None) -> Iterator[bytes]:
     """The bytes of a result in ``fmt``; ``rows_factory()`` yields the patients afresh (the
-    MIMIC-III export makes three passes, one per table)."""
+    zipped table formats make one pass per table). ``context`` defaults to the default dating
+    scheme salted with ``meta["id"]`` and no Athena vocabulary."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    context = context or ExportContext.for_result(str(meta.get("id", "")))
     if fmt == "json":
-        return _json(rows_factory(), meta)
+        return _json(rows_factory(), meta, context)
     if fmt == "ndjson":
-        return _ndjson(rows_factory())
+        return _ndjson(rows_factory(), context)
     if fmt == "csv":
-        return _csv(rows_factory())
+        return _csv(rows_factory(), context)
     if fmt == "mimic3":
-        return _mimic3_files(rows_factory)
-    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return _mimic3_files(rows_factory, context)
+    if fmt == "omop":
+        from app.service.export_omop import omop_zip
+
+        return omop_zip(rows_factory, context)
+    if fmt == "fhir":
+        from app.service.export_fhir import fhir_ndjson
+
+        return fhir_ndjson(rows_factory(), context, str(meta.get("id", "")))
+    from app.service.export_parquet import parquet_stream
+
+    return parquet_stream(rows_factory(), context)

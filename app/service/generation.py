@@ -91,26 +91,67 @@ class EngineGenerator:
         self.manifest: dict[str, Any] = _public(manifest)
         self.bundle_version = bundle_version
         self.evaluation = _public(evaluation) if evaluation else None
+        # quantiles of stays and gaps for dating visits (app.dating); None: the default scheme
+        self.visit_intervals: dict[str, Any] | None = None
         from app.decoding.params import STRATEGIES
 
+        self.unavailable: dict[str, str] = dict(getattr(engine, "unavailable", None) or {})
         self.strategies = [s for s in STRATEGIES
-                           if s != "retrieve_edit" or getattr(engine, "retrieval", None)]
+                           if (s != "retrieve_edit" or getattr(engine, "retrieval", None))
+                           and s not in self.unavailable]
         self._codes = set(engine.vocab.codes)
+        self._targeting = None
 
     def has_code(self, code: str) -> bool:
         return code in self._codes
+
+    @property
+    def targeting(self):
+        """``any_of``/``exclude`` over this bundle's vocabulary (app.decoding.targeting)."""
+        if self._targeting is None:
+            from app.decoding.targeting import Targeting
+
+            self._targeting = Targeting(self.engine.vocab, self.engine.validity)
+        return self._targeting
+
+    def check_target(self, ages: list[int], sexes: list[str], must_include: list[str],
+                     any_of: list[str], exclude: list[str], validity_mask: bool) -> None:
+        """Refuse (``TargetError`` naming the field) a targeting spec some patient of the
+        given whole-year ages and sexes could not meet; nothing is decoded."""
+        targeting = self.targeting
+        targeting.check(ages, sexes, must_include, targeting.expand(any_of, "any_of"),
+                        targeting.expand(exclude, "exclude"), validity_mask)
 
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
                  params: dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
                  validity_mask: bool = True, *, first_index: int = 0,
-                 should_stop: StopCheck | None = None) -> list[Patient]:
+                 should_stop: StopCheck | None = None, any_of: list[str] | None = None,
+                 exclude: list[str] | None = None) -> list[Patient]:
         """One request's patients. Patient ``i`` is decoded as patient ``first_index + i`` of
         the request ``seed`` (a cohort chunk passes its first patient's number, so its bytes
         do not depend on where chunks start). ``should_stop`` is asked between engine calls;
-        when it says yes, :class:`GenerationStopped` is raised and no more rows are decoded."""
+        when it says yes, :class:`GenerationStopped` is raised and no more rows are decoded.
+        ``any_of`` and ``exclude`` target the cohort (:mod:`app.decoding.targeting`)."""
         rows = [(item, int(seed), first_index + i, list(must_include or []))
                 for i, item in enumerate(demographics)]
+        if not rows:
+            return []
+        if any_of or exclude:
+            targeting = self.targeting
+            excluded = targeting.expand(exclude or [], "exclude")
+            codes = targeting.expand(any_of or [], "any_of")
+            # A required code of the list already satisfies any_of.
+            if codes and not set(codes) & set(must_include or []):
+                return targeting.sample_any_of(
+                    self.engine, [r[0] for r in rows], codes, strategy=strategy,
+                    params=params, seed=int(seed), must_include=list(must_include or []),
+                    exclude=excluded, validity_mask=validity_mask,
+                    row_seeds=[r[1] for r in rows], row_indices=[r[2] for r in rows],
+                    should_stop=should_stop, stopped=GenerationStopped,
+                    step=self._slice_patients(strategy, params))
+            return self._rows(rows, strategy, params, validity_mask, should_stop,
+                              exclude=excluded)
         return self._rows(rows, strategy, params, validity_mask, should_stop)
 
     def generate_batch(self, requests: list[tuple[list[tuple[float, str]], int, list[str] | None]],
@@ -146,9 +187,10 @@ class EngineGenerator:
 
     def _rows(self, rows: list[tuple[tuple[float, str], int, int, list[str]]], strategy: str,
               params: dict[str, Any] | None, validity_mask: bool,
-              should_stop: StopCheck | None) -> list[Patient]:
+              should_stop: StopCheck | None, exclude: list[str] | None = None) -> list[Patient]:
         """Decode ``(demographics, seed, index, must_include)`` rows, an engine batch at a
-        time when ``should_stop`` is given (else in one call)."""
+        time when ``should_stop`` is given (else in one call); ``exclude``: codes never
+        generated."""
         step = self._slice_patients(strategy, params) if should_stop is not None else len(rows)
         out: list[Patient] = []
         for lo in range(0, len(rows), max(1, step)):
@@ -160,7 +202,8 @@ class EngineGenerator:
                 [r[0] for r in part], strategy=strategy, params=params or {}, seed=part[0][1],
                 must_include=required if any(required) else None,
                 validity_mask=validity_mask, row_seeds=[r[1] for r in part],
-                row_indices=[r[2] for r in part])
+                row_indices=[r[2] for r in part],
+                **({"exclude": exclude} if exclude else {}))
             out.extend(result.patients)
         return out
 
@@ -190,6 +233,7 @@ class BundleGenerator(EngineGenerator):
         super().__init__(engine, self.bundle.manifest,
                          bundle_version_of(self.path, self.bundle.manifest),
                          _evaluation(self.path, self.bundle.manifest))
+        self.visit_intervals = self.bundle.reference_stats.get("visit_intervals")
 
 
 def _engine_for(bundle, ort_threads: int):

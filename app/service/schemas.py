@@ -7,13 +7,14 @@ the field (``loc``/``field``) and the reason (``msg``). Limits that depend on th
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.decoding.errors import GenerationError
 from app.decoding.params import parse_params
-from app.icd9.codes import InvalidCodeError
+from app.icd9.codes import InvalidCodeError, normalize_code
 from app.icd9.hierarchy import load_hierarchy
 
 __all__ = [
@@ -41,6 +42,7 @@ Sex = Literal["F", "M"]
 Strategy = Literal["plain", "cooccurrence", "rerank", "retrieve_edit"]
 MAX_SEED = 2**63 - 1
 MAX_MUST_INCLUDE = 16
+MAX_TARGETS = 256  # any_of / exclude entries (each may be a whole category)
 
 
 class _Strict(BaseModel):
@@ -60,6 +62,33 @@ def canonical_codes(values: list[str]) -> list[str]:
             raise ValueError(f"{raw!r} is not an ICD-9-CM diagnosis code ({err})") from None
         if code not in out:
             out.append(code)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _known_prefixes() -> frozenset[str]:
+    """Every prefix (3 characters or more; 4 for E-codes) of a CMS ICD-9-CM code."""
+    out = set()
+    for code in load_hierarchy().billable_codes:
+        start = 4 if code.startswith("E") else 3
+        out.update(code[:k] for k in range(start, len(code) + 1))
+    return frozenset(out)
+
+
+def canonical_targets(values: list[str]) -> list[str]:
+    """Canonical, de-duplicated codes or categories (``250``, ``V30``, ``2500``, ``25000``);
+    ``ValueError`` naming the first that is neither a CMS ICD-9-CM code nor a category."""
+    out: list[str] = []
+    for raw in values:
+        try:
+            entry = normalize_code(raw)
+        except InvalidCodeError as err:
+            raise ValueError(f"{raw!r} is not an ICD-9-CM code or category ({err})") from None
+        if entry not in _known_prefixes():
+            raise ValueError(f"{raw!r} is neither an ICD-9-CM diagnosis code nor a category "
+                             "of one (CMS v32)")
+        if entry not in out:
+            out.append(entry)
     return out
 
 
@@ -87,8 +116,19 @@ class _Generation(_Strict):
                                     description="Codes every patient must carry (any "
                                     "ICD-9-CM spelling: `250.00` or `25000`).",
                                     examples=[["25000"]])
+    any_of: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                              description="Each patient carries at least one code of this list; "
+                              "entries are codes or categories (`250` stands for every `250.xx` "
+                              "code the model knows).", examples=[["250", "V58.67"]])
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                               description="Codes or categories never generated.",
+                               examples=[["401.9"]])
     validity_mask: bool = Field(True, description="Forbid codes inconsistent with the patient's "
                                 "age and sex (CMS Medicare Code Editor edits).")
+    model: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                              description="The loaded model (bundle) to use, by name "
+                                          "(`GET /v1/models`); default: the first.",
+                              examples=["demo"])
 
     @field_validator("params")
     @classmethod
@@ -105,6 +145,11 @@ class _Generation(_Strict):
     @classmethod
     def _codes(cls, value: list[str]) -> list[str]:
         return canonical_codes(value)
+
+    @field_validator("any_of", "exclude")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        return canonical_targets(value)
 
 
 class PatientsRequest(_Generation):
@@ -153,6 +198,10 @@ class CodeOut(BaseModel):
 
 
 class VisitOut(BaseModel):
+    start: str | None = Field(None, description="Synthetic admission time (app.dating).",
+                              examples=["2168-05-01 10:12:00"])
+    end: str | None = Field(None, description="Synthetic discharge time, at or after `start`.",
+                            examples=["2168-05-06 08:00:00"])
     codes: list[CodeOut]
 
 
@@ -160,6 +209,8 @@ class PatientOut(BaseModel):
     patient_id: str = Field(..., description="Synthetic id (never a training record's).")
     age: float
     sex: Sex
+    birth_date: str | None = Field(None, description="Synthetic birth date consistent with "
+                                   "`age` at the first visit.", examples=["2101-03-02"])
     visits: list[VisitOut]
 
 
@@ -203,6 +254,8 @@ class CohortSpec(_Generation):
                                        {"min": 65, "max": 90, "weight": 3}]},
          "female_fraction": 0.5, "strategy": "cooccurrence", "params": {"alpha": 0.05},
          "seed": 3},
+        {"size": 100, "age": {"min": 40, "max": 80}, "any_of": ["250"],
+         "exclude": ["401.9"], "seed": 7},
     ]})
 
     size: int = Field(..., ge=1, description="Patients in the cohort (at most the deployment's "
@@ -258,7 +311,18 @@ class CodeDetail(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """The default model at the top level; every loaded model in ``models``."""
+
+    name: str | None = Field(None, description="The name requests give as `model`.")
+    default: bool = True
     bundle_version: str
     strategies: list[str]
     manifest: dict[str, Any]
     evaluation: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = Field(
+        None, description="Small-cell suppression (k, codes removed) and, for a bundle trained "
+        "with differential privacy, epsilon, delta, accountant, clipping norm, noise multiplier")
+    unavailable_strategies: dict[str, str] = Field(
+        default_factory=dict, description="Strategies this bundle cannot serve, with the reason")
+    models: list[ModelInfo] | None = Field(None, description="Every loaded model (the "
+                                           "default first).")
