@@ -92,6 +92,18 @@ class Settings(BaseSettings):
                                 "result in the store at least this long (seconds) from its "
                                 "start, so it cannot expire mid-download.")
     worker_poll_s: float = Field(0.2, gt=0, description="Idle worker's queue poll interval.")
+    results_url: str | None = Field(
+        None, description="Folder or fsspec URL (e.g. /var/lib/synthehr/results, "
+        "s3://bucket/prefix with s3fs installed) where workers write the result of every cohort "
+        "above result_inline_max_patients, one file per chunk, served from there; the API and "
+        "every worker must see the same location. None: every result is kept in the job store.")
+    result_inline_max_patients: int = Field(
+        20_000, ge=0, description="Cohorts up to this many patients keep their result in the "
+        "job store (about 2-3 MB of Redis memory per 20,000 patients on the demo bundle); "
+        "larger ones go to results_url when it is set.")
+    results_sweep_s: float = Field(
+        600.0, gt=0, description="An idle worker deletes, at most this often, the result "
+        "folders under results_url of jobs the store no longer has (expired or lost).")
     embedded_workers: int = Field(1, ge=0, description="In-process workers of the embedded store.")
 
     # -- inference --------------------------------------------------------------------------

@@ -5,10 +5,14 @@ Starts ``synthehr serve`` (and, with Redis, one ``synthehr worker``) on this mac
 * single-patient ``POST /v1/patients`` at 1, 16 and 64 concurrent clients for ``--seconds``
   each: throughput, p50 and p99 latency;
 * a ``--cohort``-patient cohort end to end: ``POST /v1/cohorts``, poll, download as NDJSON;
-* the API process's peak RSS (VmHWM).
+* the API process's peak RSS (VmHWM);
+* first, before any server starts, the engine's own batched throughput on the same bundle and
+  ONNX Runtime threads (patients/s of ``generate`` on ``--engine-batch`` single patients of the
+  same demographics, best of 3 timed passes of ``--engine-seconds``): each service row then
+  says what share of it the service delivers.
 
-Targets (on the demo bundle, 2 cores): p50 <= 20 ms and p99 <= 100 ms at 16 clients; 10,000
-patients within 30 s; API RSS <= 500 MB.
+Targets (on the demo bundle, 2 cores): at 16 clients >= 80% of the engine's batched throughput
+with p99 <= 3x p50; one client p50 <= 10 ms; 10,000 patients within 30 s; API RSS <= 500 MB.
 
     .venv/bin/python bench/load.py --bundle models/demo [--redis redis://127.0.0.1:6379/0]
 
@@ -141,6 +145,26 @@ async def hammer_raw(base: str, clients: int, seconds: float, max_requests: int)
             "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
 
 
+def engine_throughput(bundle: Path, batch: int, seconds: float) -> float:
+    """Patients/s of the engine alone (``generate`` on ``batch`` patients per call, in this
+    process, ``SYNTHEHR_ORT_THREADS`` threads as the server): best of 3 passes."""
+    from app.service.generation import load_generator
+    from app.settings import Settings
+
+    gen = load_generator(bundle, Settings().ort_threads)
+    demographics = [(60.0, "F")] * batch
+    gen.generate(demographics, seed=0)  # warm-up
+    best = 0.0
+    for attempt in range(3):
+        done, seed = 0, 1 + attempt * 100_000
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            done += len(gen.generate(demographics, seed=seed))
+            seed += 1
+        best = max(best, done / (time.perf_counter() - started))
+    return best
+
+
 def cohort(base: str, size: int, timeout: float) -> dict:
     spec = {"size": size, "age": {"min": 0, "max": 90}, "female_fraction": 0.5,
             "seed": int(time.time())}  # a fresh seed: never a cache hit
@@ -195,12 +219,20 @@ def main() -> None:
                              "client that leaves the CPU to the server (see hammer_raw)")
     parser.add_argument("--env", action="append", default=[],
                         help="extra SYNTHEHR_X=value for the server (repeatable)")
+    parser.add_argument("--engine-batch", type=int, default=64,
+                        help="patients per engine call for the engine-alone figure (the "
+                             "service's max_batch_patients)")
+    parser.add_argument("--engine-seconds", type=float, default=4.0)
     args = parser.parse_args()
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(f"no bundle at {args.bundle}: synthehr train --preset demo --out "
                          f"{args.bundle}")
 
-    rows = []
+    engine_pps = engine_throughput(args.bundle, args.engine_batch, args.engine_seconds)
+    args.engine_pps = engine_pps
+    rows = [(f"engine alone, {args.engine_batch} patients per call",
+             f"{engine_pps:.0f} patients/s", "", "",
+             f"in process, load avg {os.getloadavg()[0]:.1f}")]
     windows = [w.strip() for w in args.batch_window_ms.split(",") if w.strip()] or [None]
     for window in windows:
         extra = dict(e.split("=", 1) for e in args.env)
@@ -243,8 +275,10 @@ def run_server(args: argparse.Namespace, extra: dict[str, str], label: str) -> l
             rows.append(((f"POST /v1/patients (1 patient), {clients} clients{label}"
                          f"{' [raw client]' if args.client == 'raw' else ''}"),
                          f"{res['rps']:.0f} req/s", f"{res['p50_ms']:.1f}", f"{res['p99_ms']:.1f}",
-                         (f"{res['requests']} requests, {res['errors']} errors, server CPU "
-                         f"{cpu_ms:.1f} ms/request, load avg {load_before:.1f}")))
+                         (f"{res['rps'] / args.engine_pps:.0%} of the engine, "
+                          f"p99/p50 {res['p99_ms'] / res['p50_ms']:.1f}, "
+                          f"{res['requests']} requests, {res['errors']} errors, server CPU "
+                          f"{cpu_ms:.1f} ms/request, load avg {load_before:.1f}")))
         if args.cohort > 0:
             res = cohort(base, args.cohort, timeout=300)
             rows.append(((f"cohort of {args.cohort:,} end to end "

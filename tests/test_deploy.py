@@ -64,7 +64,8 @@ def test_serve_extra_has_no_torch():
     core = " ".join(project["dependencies"]).lower()
     for heavy in ("torch", "transformers"):
         assert heavy not in serve and heavy not in core
-    for needed in ("fastapi", "uvicorn", "onnxruntime", "redis", "prometheus", "fastapi-offline"):
+    for needed in ("fastapi", "uvicorn", "onnxruntime", "redis", "prometheus", "fastapi-offline",
+                   "fsspec"):
         assert needed in serve
 
 
@@ -83,6 +84,9 @@ def test_compose_services_healthchecks_and_volumes():
         assert svc["build"]["target"] == "serve"
         assert svc["environment"]["REDIS_URL"].startswith("redis://redis:")
         assert any(str(v).startswith("./models:/models") for v in svc["volumes"])
+        # Large cohort results: one location the API and every worker see.
+        results = svc["environment"]["SYNTHEHR_RESULTS_URL"]
+        assert f"results:{results}" in svc["volumes"] and "results" in compose["volumes"]
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert svc["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert services["worker"]["command"][-1] == "worker"

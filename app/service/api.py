@@ -65,6 +65,8 @@ from app.service.jobs import (
     job_id_for,
     new_record,
     possible_demographics,
+    result_available,
+    results_folder,
     status_of,
 )
 from app.service.models import GeneratorSet, UnknownModelError, model_name
@@ -221,7 +223,7 @@ class _Metrics:
                                 registry=self.registry)
         self.jobs = Counter("synthehr_cohort_jobs_total", "Cohort submissions",
                             ["outcome"], registry=self.registry)
-        self.queue = Gauge("synthehr_queue_length", "Cohort jobs waiting for a worker",
+        self.queue = Gauge("synthehr_queue_length", "Unfinished cohort jobs (queued or running)",
                            registry=self.registry)
         self.ready = Gauge("synthehr_ready", "1 when the bundle is loaded and the store is up",
                            registry=self.registry)
@@ -628,7 +630,9 @@ def create_app(settings: Settings | None = None, *, generator=None,
                          spec.validity_mask)
         job_id = job_id_for(spec, gen.bundle_version)
         record = new_record(job_id, spec, gen.bundle_version, settings.chunk_size, time.time(),
-                            settings.generation_batch)
+                            settings.generation_batch,
+                            results_folder(job_id, spec.size, settings.results_url,
+                                           settings.result_inline_max_patients))
         client = client_key(dict(request.scope.get("headers") or []),
                             request.scope.get("client"), settings.api_key)
         try:
@@ -711,7 +715,7 @@ def create_app(settings: Settings | None = None, *, generator=None,
                 "status": status_of(record).model_dump()})
         # Every chunk must be there before the first byte goes out (a 200 cannot be taken back
         # mid-stream), and stay for the download: retain extends their expiry if it is close.
-        if not store.retain(job_id, int(record["n_chunks"]), settings.result_grace_s):
+        if not result_available(store, record, settings.result_grace_s):
             return JSONResponse(status_code=410, content={
                 "detail": f"the result of job {job_id} has expired or was lost by the store; "
                           "submit the cohort again to regenerate it"})

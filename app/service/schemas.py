@@ -288,7 +288,8 @@ class CohortStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     elapsed_s: float | None = Field(None, description="Seconds from start to finish (or now).")
-    attempts: int = Field(0, description="Times a worker picked the job up.")
+    attempts: int = Field(0, description="1 once a worker started the job, plus 1 for every "
+                                         "chunk taken over from a worker whose lease expired.")
     error: str | None = None
     cached: bool = Field(False, description="True when an earlier identical request's job "
                          "(or cached result) answered this one.")

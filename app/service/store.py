@@ -12,8 +12,11 @@ Semantics both honour:
 * a job is a record (strings) plus its result chunks, keyed by chunk index. Writing a chunk that
   is already there overwrites it and does not count it twice, so a chunk re-run after a worker
   died leaves exactly one copy (at-least-once processing, exactly-once results);
-* ``claim`` moves a job from the queue to the processing set and stamps the worker's heartbeat;
-  ``reap`` puts back on the queue every processing job whose heartbeat is older than the lease;
+* work is handed out chunk by chunk, so every live worker takes chunks of the same cohort:
+  ``claim`` leases the next chunk nobody holds (the oldest unfinished job first) to one worker
+  and stamps its heartbeat; a lease whose heartbeat is older than ``lease_s`` is taken over by
+  the next claim (the worker died or hangs), and the claim says so (``takeover``). A job stays
+  on the queue until its last chunk is stored, it is cancelled or it fails;
 * a finished job's keys expire after the cache TTL; a cancelled or failed job can be resubmitted;
 * ``submit`` may carry a client and a limit: a client with that many unfinished (queued or
   running) jobs gets :class:`TooManyJobs` instead of a new one (checked atomically);
@@ -30,10 +33,11 @@ import json
 import threading
 import time
 from collections import deque
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "TERMINAL",
+    "ChunkLease",
     "EmbeddedStore",
     "JobStore",
     "RedisStore",
@@ -58,6 +62,14 @@ class TooManyJobs(RuntimeError):
         self.active = active
 
 
+class ChunkLease(NamedTuple):
+    """One chunk of one job, leased to a worker by :meth:`JobStore.claim`."""
+
+    job_id: str
+    index: int
+    takeover: bool  # the chunk was leased before and that lease expired
+
+
 class JobStore(Protocol):
     kind: str
 
@@ -68,8 +80,12 @@ class JobStore(Protocol):
         and whether it was created. With ``client`` and ``max_active`` > 0, raise
         :class:`TooManyJobs` when creating it would give the client more unfinished jobs."""
     def get(self, job_id: str) -> dict[str, str] | None: ...
-    def claim(self, worker: str, now: float) -> str | None: ...
-    def heartbeat(self, job_id: str, worker: str, now: float) -> bool: ...
+    def claim(self, worker: str, now: float, lease_s: float) -> ChunkLease | None:
+        """Lease the first chunk of the oldest unfinished job that is neither stored nor held
+        under a live lease (a lease older than ``lease_s`` is taken over); None: no work."""
+    def heartbeat(self, job_id: str, index: int, worker: str, now: float) -> bool:
+        """Renew ``worker``'s lease of a chunk; False when the job is no longer running or
+        the lease is gone (chunk stored, job reset) or held by another worker."""
     def chunk_indices(self, job_id: str) -> set[int]: ...
     def put_chunk(self, job_id: str, index: int, payload: bytes, n: int, now: float,
                   ttl: int) -> str:
@@ -78,8 +94,8 @@ class JobStore(Protocol):
     def get_chunk(self, job_id: str, index: int) -> bytes | None: ...
     def fail(self, job_id: str, error: str, now: float, ttl: int) -> None: ...
     def cancel(self, job_id: str, now: float, ttl: int) -> bool: ...
-    def reap(self, now: float, lease_s: float) -> list[str]: ...
-    def queue_length(self) -> int: ...
+    def queue_length(self) -> int:
+        """Unfinished jobs (queued or running): a job stays queued until its last chunk."""
     def worker_seen(self, worker: str, now: float) -> None: ...
     def live_workers(self, now: float, within_s: float) -> int: ...
     def retain(self, job_id: str, n_chunks: int, ttl: int) -> bool:
@@ -90,7 +106,8 @@ class JobStore(Protocol):
 
 # -- Redis ------------------------------------------------------------------------------------
 
-# KEYS: job, chunks, queue, client's jobs. ARGV: id, max_active, prefix, then field/value pairs.
+# KEYS: job, chunks, queue, client's jobs, leases. ARGV: id, max_active, prefix, then
+# field/value pairs.
 _SUBMIT = """
 local job = KEYS[1]
 local status = redis.call('HGET', job, 'status')
@@ -109,9 +126,10 @@ if limit > 0 then
   redis.call('SADD', KEYS[4], ARGV[1])
   redis.call('EXPIRE', KEYS[4], 604800)
 end
-redis.call('DEL', job, KEYS[2])
+redis.call('DEL', job, KEYS[2], KEYS[5])
 for i = 4, #ARGV - 1, 2 do redis.call('HSET', job, ARGV[i], ARGV[i + 1]) end
 redis.call('PERSIST', job)
+redis.call('LREM', KEYS[3], 0, ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[1])
 return {1, redis.call('HGETALL', job)}
 """
@@ -125,35 +143,68 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
-# ARGV: worker, now, prefix. KEYS: queue, processing.
+# A lease is the hash field <chunk index> = "<heartbeat>|<worker>" in <job>:leases; it is
+# deleted when the chunk is stored, so the hash holds the chunks in flight only. The job's
+# ``cursor`` is the first chunk never leased: fresh chunks come from it in O(1), and only once
+# every chunk was handed out are the (few) leases in flight scanned for an expired one.
+# KEYS: queue. ARGV: worker, now, lease_s, prefix.
 _CLAIM = """
-for _ = 1, 100 do
-  local id = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
-  if not id then return false end
-  local job = ARGV[3] .. ':job:' .. id
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local now, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = #ids, 1, -1 do
+  local id = ids[i]
+  local job = ARGV[4] .. ':job:' .. id
   local status = redis.call('HGET', job, 'status')
-  if status == 'queued' or status == 'running' then
-    redis.call('HSET', job, 'status', 'running', 'worker', ARGV[1], 'heartbeat', ARGV[2])
-    if not redis.call('HGET', job, 'started_at') or
-       redis.call('HGET', job, 'started_at') == '' then
-      redis.call('HSET', job, 'started_at', ARGV[2])
+  if status ~= 'queued' and status ~= 'running' then
+    redis.call('LREM', KEYS[1], 0, id)
+  else
+    local chunks, leases = job .. ':chunks', job .. ':leases'
+    local n = tonumber(redis.call('HGET', job, 'n_chunks'))
+    local cursor = tonumber(redis.call('HGET', job, 'cursor') or '0') or 0
+    local index, takeover = nil, 0
+    while cursor < n and not index do
+      if redis.call('HEXISTS', chunks, cursor) == 0 then index = cursor end
+      cursor = cursor + 1
     end
-    redis.call('HINCRBY', job, 'attempts', 1)
-    return id
+    redis.call('HSET', job, 'cursor', cursor)
+    if not index then
+      local flat = redis.call('HGETALL', leases)
+      for j = 1, #flat, 2 do
+        local v = flat[j + 1]
+        local bar = string.find(v, '|', 1, true)
+        local beat = tonumber(string.sub(v, 1, bar - 1)) or 0
+        if now - beat > lease and redis.call('HEXISTS', chunks, flat[j]) == 0 then
+          index, takeover = tonumber(flat[j]), 1
+          break
+        end
+      end
+    end
+    if index then
+      redis.call('HSET', leases, index, ARGV[2] .. '|' .. ARGV[1])
+      if status == 'queued' then
+        redis.call('HSET', job, 'status', 'running', 'started_at', ARGV[2])
+        redis.call('HINCRBY', job, 'attempts', 1)
+      end
+      if takeover == 1 then redis.call('HINCRBY', job, 'attempts', 1) end
+      redis.call('HSET', job, 'worker', ARGV[1], 'heartbeat', ARGV[2])
+      return {id, index, takeover}
+    end
   end
-  redis.call('LREM', KEYS[2], 0, id)
 end
 return false
 """
+# KEYS: job, leases. ARGV: index, worker, now.
 _HEARTBEAT = """
-if redis.call('HGET', KEYS[1], 'status') == 'running' and
-   redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
-  return 1
-end
-return 0
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+if not v then return 0 end
+local bar = string.find(v, '|', 1, true)
+if string.sub(v, bar + 1) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[3])
+return 1
 """
-# KEYS: job, chunks, processing. ARGV: index, payload, n, now, ttl, id.
+# KEYS: job, chunks, queue, leases. ARGV: index, payload, n, now, ttl, id.
 _PUT_CHUNK = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'gone' end
@@ -161,16 +212,18 @@ if status ~= 'running' then return status end
 if redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'done', ARGV[3])
 end
+redis.call('HDEL', KEYS[4], ARGV[1])
 if redis.call('HLEN', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'n_chunks')) then
   redis.call('HSET', KEYS[1], 'status', 'done', 'finished_at', ARGV[4])
   redis.call('LREM', KEYS[3], 0, ARGV[6])
+  redis.call('DEL', KEYS[4])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   return 'done'
 end
 return 'ok'
 """
-# KEYS: job, chunks, queue, processing. ARGV: status, error, now, ttl, id.
+# KEYS: job, chunks, queue, leases. ARGV: status, error, now, ttl, id.
 _END = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'done' or status == 'failed' or status == 'cancelled' then
@@ -178,31 +231,9 @@ if not status or status == 'done' or status == 'failed' or status == 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'finished_at', ARGV[3])
 redis.call('LREM', KEYS[3], 0, ARGV[5])
-redis.call('LREM', KEYS[4], 0, ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 return 1
-"""
-# KEYS: queue, processing. ARGV: now, lease, prefix.
-_REAP = """
-local out = {}
-for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local job = ARGV[3] .. ':job:' .. id
-  local status = redis.call('HGET', job, 'status')
-  if status ~= 'running' then
-    redis.call('LREM', KEYS[2], 0, id)
-  else
-    local hb = tonumber(redis.call('HGET', job, 'heartbeat') or '0') or 0
-    if tonumber(ARGV[1]) - hb > tonumber(ARGV[2]) then
-      if redis.call('LREM', KEYS[2], 0, id) > 0 then
-        redis.call('HSET', job, 'status', 'queued', 'worker', '')
-        redis.call('RPUSH', KEYS[1], id)
-        table.insert(out, id)
-      end
-    end
-  end
-end
-return out
 """
 
 
@@ -231,14 +262,12 @@ class RedisStore:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self.queue_key = f"{prefix}:queue"
-        self.processing_key = f"{prefix}:processing"
         self.workers_key = f"{prefix}:workers"
         self._submit = self.client.register_script(_SUBMIT)
         self._claim = self.client.register_script(_CLAIM)
         self._heartbeat = self.client.register_script(_HEARTBEAT)
         self._put_chunk = self.client.register_script(_PUT_CHUNK)
         self._end = self.client.register_script(_END)
-        self._reap = self.client.register_script(_REAP)
         self._retain = self.client.register_script(_RETAIN)
 
     @property
@@ -250,6 +279,9 @@ class RedisStore:
 
     def _chunks(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:chunks"
+
+    def _leases(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:leases"
 
     def ping(self) -> bool:
         try:
@@ -264,7 +296,7 @@ class RedisStore:
             args += [key, str(value)]
         created, flat = self._submit(
             keys=[self._job(job_id), self._chunks(job_id), self.queue_key,
-                  self._client(client or "")], args=args)
+                  self._client(client or ""), self._leases(job_id)], args=args)
         if created == 2:
             raise TooManyJobs(int(flat))
         return _pairs(flat), bool(created)
@@ -288,13 +320,16 @@ class RedisStore:
         data = self.client.hgetall(self._job(job_id))
         return {_s(k): _s(v) for k, v in data.items()} or None
 
-    def claim(self, worker: str, now: float) -> str | None:
-        job_id = self._claim(keys=[self.queue_key, self.processing_key],
-                             args=[worker, repr(now), self.prefix])
-        return _s(job_id) if job_id else None
+    def claim(self, worker: str, now: float, lease_s: float) -> ChunkLease | None:
+        out = self._claim(keys=[self.queue_key],
+                          args=[worker, repr(now), repr(lease_s), self.prefix])
+        if not out:
+            return None
+        return ChunkLease(_s(out[0]), int(out[1]), bool(int(out[2])))
 
-    def heartbeat(self, job_id: str, worker: str, now: float) -> bool:
-        return bool(self._heartbeat(keys=[self._job(job_id)], args=[worker, repr(now)]))
+    def heartbeat(self, job_id: str, index: int, worker: str, now: float) -> bool:
+        return bool(self._heartbeat(keys=[self._job(job_id), self._leases(job_id)],
+                                    args=[index, worker, repr(now)]))
 
     def chunk_indices(self, job_id: str) -> set[int]:
         return {int(k) for k in self.client.hkeys(self._chunks(job_id))}
@@ -302,7 +337,8 @@ class RedisStore:
     def put_chunk(self, job_id: str, index: int, payload: bytes, n: int, now: float,
                   ttl: int) -> str:
         return _s(self._put_chunk(
-            keys=[self._job(job_id), self._chunks(job_id), self.processing_key],
+            keys=[self._job(job_id), self._chunks(job_id), self.queue_key,
+                  self._leases(job_id)],
             args=[index, payload, n, repr(now), ttl, job_id]))
 
     def get_chunk(self, job_id: str, index: int) -> bytes | None:
@@ -310,7 +346,8 @@ class RedisStore:
 
     def _finish(self, job_id: str, status: str, error: str, now: float, ttl: int) -> bool:
         return bool(self._end(
-            keys=[self._job(job_id), self._chunks(job_id), self.queue_key, self.processing_key],
+            keys=[self._job(job_id), self._chunks(job_id), self.queue_key,
+                  self._leases(job_id)],
             args=[status, error, repr(now), ttl, job_id]))
 
     def fail(self, job_id: str, error: str, now: float, ttl: int) -> None:
@@ -318,11 +355,6 @@ class RedisStore:
 
     def cancel(self, job_id: str, now: float, ttl: int) -> bool:
         return self._finish(job_id, "cancelled", "cancelled by request", now, ttl)
-
-    def reap(self, now: float, lease_s: float) -> list[str]:
-        out = self._reap(keys=[self.queue_key, self.processing_key],
-                         args=[repr(now), repr(lease_s), self.prefix])
-        return [_s(x) for x in out]
 
     def queue_length(self) -> int:
         return int(self.client.llen(self.queue_key))
@@ -344,8 +376,8 @@ class EmbeddedStore:
         self._jobs: dict[str, dict[str, str]] = {}
         self._chunks: dict[str, dict[int, bytes]] = {}
         self._expiry: dict[str, float] = {}
-        self._queue: deque[str] = deque()
-        self._processing: list[str] = []
+        self._queue: deque[str] = deque()  # newest left, oldest right (as Redis LPUSH)
+        self._leases: dict[str, dict[int, tuple[float, str]]] = {}  # job -> index -> (beat, w)
         self._clients: dict[str, set[str]] = {}
         self._workers: dict[str, float] = {}
 
@@ -354,6 +386,7 @@ class EmbeddedStore:
         for job_id in [j for j, t in self._expiry.items() if t <= now]:
             self._jobs.pop(job_id, None)
             self._chunks.pop(job_id, None)
+            self._leases.pop(job_id, None)
             self._expiry.pop(job_id, None)
 
     def ping(self) -> bool:
@@ -375,7 +408,10 @@ class EmbeddedStore:
                 mine.add(job_id)
             self._jobs[job_id] = {k: str(v) for k, v in record.items()}
             self._chunks[job_id] = {}
+            self._leases[job_id] = {}
             self._expiry.pop(job_id, None)
+            if job_id in self._queue:
+                self._queue.remove(job_id)
             self._queue.appendleft(job_id)
             return dict(self._jobs[job_id]), True
 
@@ -385,25 +421,44 @@ class EmbeddedStore:
             job = self._jobs.get(job_id)
             return dict(job) if job else None
 
-    def claim(self, worker: str, now: float) -> str | None:
+    def claim(self, worker: str, now: float, lease_s: float) -> ChunkLease | None:
         with self._lock:
-            while self._queue:
-                job_id = self._queue.pop()
+            for job_id in reversed(list(self._queue)):  # oldest first
                 job = self._jobs.get(job_id)
                 if job is None or job["status"] not in ("queued", "running"):
+                    self._queue.remove(job_id)
                     continue
-                self._processing.append(job_id)
-                job.update(status="running", worker=worker, heartbeat=repr(now))
-                if not job.get("started_at"):
-                    job["started_at"] = repr(now)
-                job["attempts"] = str(int(job.get("attempts", "0") or 0) + 1)
-                return job_id
+                chunks, leases = self._chunks[job_id], self._leases.setdefault(job_id, {})
+                n, cursor = int(job["n_chunks"]), int(job.get("cursor") or 0)
+                index, takeover = None, False
+                while cursor < n and index is None:
+                    if cursor not in chunks:
+                        index = cursor
+                    cursor += 1
+                job["cursor"] = str(cursor)
+                if index is None:
+                    for i, (beat, _) in leases.items():
+                        if now - beat > lease_s and i not in chunks:
+                            index, takeover = i, True
+                            break
+                if index is None:
+                    continue
+                leases[index] = (now, worker)
+                if job["status"] == "queued":
+                    job.update(status="running", started_at=repr(now))
+                    job["attempts"] = str(int(job.get("attempts") or 0) + 1)
+                if takeover:
+                    job["attempts"] = str(int(job.get("attempts") or 0) + 1)
+                job.update(worker=worker, heartbeat=repr(now))
+                return ChunkLease(job_id, index, takeover)
             return None
 
-    def heartbeat(self, job_id: str, worker: str, now: float) -> bool:
+    def heartbeat(self, job_id: str, index: int, worker: str, now: float) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job and job["status"] == "running" and job.get("worker") == worker:
+            lease = self._leases.get(job_id, {}).get(index)
+            if job and job["status"] == "running" and lease and lease[1] == worker:
+                self._leases[job_id][index] = (now, worker)
                 job["heartbeat"] = repr(now)
                 return True
             return False
@@ -424,10 +479,12 @@ class EmbeddedStore:
             if index not in chunks:
                 job["done"] = str(int(job.get("done", "0")) + n)
             chunks[index] = bytes(payload)
+            self._leases.get(job_id, {}).pop(index, None)
             if len(chunks) >= int(job["n_chunks"]):
                 job.update(status="done", finished_at=repr(now))
-                if job_id in self._processing:
-                    self._processing.remove(job_id)
+                if job_id in self._queue:
+                    self._queue.remove(job_id)
+                self._leases.pop(job_id, None)
                 self._expiry[job_id] = time.time() + ttl
                 return "done"
             return "ok"
@@ -444,9 +501,8 @@ class EmbeddedStore:
             job.update(status=status, error=error, finished_at=repr(now))
             if job_id in self._queue:
                 self._queue.remove(job_id)
-            if job_id in self._processing:
-                self._processing.remove(job_id)
             self._chunks[job_id] = {}
+            self._leases.pop(job_id, None)
             self._expiry[job_id] = time.time() + ttl
             return True
 
@@ -455,20 +511,6 @@ class EmbeddedStore:
 
     def cancel(self, job_id: str, now: float, ttl: int) -> bool:
         return self._finish(job_id, "cancelled", "cancelled by request", now, ttl)
-
-    def reap(self, now: float, lease_s: float) -> list[str]:
-        out = []
-        with self._lock:
-            for job_id in list(self._processing):
-                job = self._jobs.get(job_id)
-                if job is None or job["status"] != "running":
-                    self._processing.remove(job_id)
-                elif now - float(job.get("heartbeat") or 0) > lease_s:
-                    self._processing.remove(job_id)
-                    job.update(status="queued", worker="")
-                    self._queue.append(job_id)
-                    out.append(job_id)
-        return out
 
     def queue_length(self) -> int:
         with self._lock:

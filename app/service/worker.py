@@ -1,10 +1,12 @@
-"""The cohort worker: claims jobs from the store, generates them chunk by chunk, reports progress.
+"""The cohort worker: leases chunks from the store, generates and stores them, one at a time.
 
 Run as its own process (``synthehr worker``, any number of them against one Redis), or as a
-thread inside the API when there is no Redis (the embedded store). While it runs, it records
-its presence in the store every third of ``lease_s``. Every idle poll also reaps:
-a job whose worker's heartbeat is older than the lease (the worker died or hangs) goes back on
-the queue, and the next worker resumes it from the chunks already stored.
+thread inside the API when there is no Redis (the embedded store). Every worker leases the next
+free chunk of the oldest unfinished cohort, so all live workers share one cohort. While it
+runs, it records its presence in the store every third of ``lease_s``. A chunk whose worker's
+heartbeat is older than the lease (the worker died or hangs) is taken over by the next claim,
+and the job resumes from the chunks already stored. When idle, a worker also deletes the result
+files of jobs the store has forgotten (every ``results_sweep_s``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import threading
 import time
 import uuid
 
-from app.service.jobs import JobAbandoned, run_job
+from app.service.jobs import JobAbandoned, run_chunk
 from app.service.redact import redact_text
+from app.service.results import sweep_orphans
 from app.service.store import JobStore
 from app.settings import Settings
 
@@ -33,38 +36,56 @@ class Worker:
         self.generator = generator
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.jobs_done = 0
-        self._last_reap = 0.0
+        self.jobs_done = 0  # jobs whose last chunk this worker stored
+        self.chunks_done = 0
+        self._last_sweep = 0.0
 
-    def _reap(self) -> None:
+    def _sweep(self) -> None:
+        """Delete result folders of jobs the store no longer has (at most every
+        ``results_sweep_s``; only when this deployment keeps results in files)."""
+        url = self.settings.results_url
         now = time.time()
-        if now - self._last_reap < self.settings.lease_s / 2:
+        if not url or now - self._last_sweep < self.settings.results_sweep_s:
             return
-        self._last_reap = now
-        for job_id in self.store.reap(now, self.settings.lease_s):
-            log.warning("job re-queued: its worker's heartbeat expired",
-                        extra={"job": job_id, "worker": self.name})
+        self._last_sweep = now
+        try:
+            removed = sweep_orphans(url, lambda job_id: self.store.get(job_id) is not None)
+        except OSError as err:
+            log.warning("result sweep failed", extra={"worker": self.name, "error": str(err)})
+            return
+        if removed:
+            log.info("result files of expired jobs removed",
+                     extra={"worker": self.name, "jobs": removed})
 
     def run_once(self, stop: threading.Event | None = None) -> bool:
-        """Reap, claim one job and run it; False when the queue was empty."""
-        self._reap()
-        job_id = self.store.claim(self.name, time.time())
-        if job_id is None:
+        """Lease one chunk and run it; False when there was no work (then sweep)."""
+        lease = self.store.claim(self.name, time.time(), self.settings.lease_s)
+        if lease is None:
+            self._sweep()
             return False
+        job_id = lease.job_id
+        if lease.takeover:
+            log.warning("chunk re-queued: its worker's lease expired",
+                        extra={"job": job_id, "chunk": lease.index, "worker": self.name})
         started = time.perf_counter()
         try:
-            status = run_job(self.store, self.generator, job_id, self.name,
-                             ttl=self.settings.cache_ttl_s, lease_s=self.settings.lease_s,
-                             batch=self.settings.generation_batch, stop=stop)
-            self.jobs_done += 1
-            log.info("job finished", extra={"job": job_id, "status": status,
-                                            "seconds": round(time.perf_counter() - started, 3)})
+            status = run_chunk(self.store, self.generator, lease, self.name,
+                               ttl=self.settings.cache_ttl_s, lease_s=self.settings.lease_s,
+                               batch=self.settings.generation_batch, stop=stop)
+            self.chunks_done += 1
+            log.debug("chunk stored", extra={"job": job_id, "chunk": lease.index,
+                                             "seconds": round(time.perf_counter() - started, 3)})
+            if status == "done":
+                self.jobs_done += 1
+                log.info("job finished", extra={"job": job_id, "status": status,
+                                                "worker": self.name})
         except JobAbandoned as err:
-            log.warning("job abandoned", extra={"job": job_id, "reason": str(err)})
+            log.warning("chunk abandoned", extra={"job": job_id, "chunk": lease.index,
+                                                  "reason": str(err)})
         except self.store.connection_errors:
             raise
         except Exception as err:
-            log.exception("job failed", extra={"job": job_id})
+            log.exception("job failed", extra={"job": job_id, "chunk": lease.index})
             self.store.fail(job_id, redact_text(f"{type(err).__name__}: {err}"), time.time(),
                             self.settings.cache_ttl_s)
         return True
@@ -83,7 +104,8 @@ class Worker:
                 return
 
     def run(self, stop: threading.Event, max_jobs: int | None = None) -> None:
-        """Work until ``stop`` is set (or ``max_jobs`` were run); survives store outages."""
+        """Work until ``stop`` is set (or this worker finished ``max_jobs`` jobs, i.e. stored
+        their last chunk); survives store outages."""
         log.info("worker started", extra={"worker": self.name, "store": self.store.kind})
         done = threading.Event()
         presence = threading.Thread(target=self._announce, args=(done,), daemon=True,
