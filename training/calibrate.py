@@ -20,7 +20,7 @@ import numpy as np
 
 from app.corpus import Patient
 from app.decoding.calibration import StopCalibration, hazards
-from app.decoding.engine import Engine
+from app.decoding.engine import Engine, length_limits
 from app.metrics import ks_visits_per_patient
 
 __all__ = ["calibrate_bundle", "fit_stop_calibration", "length_histograms"]
@@ -116,11 +116,8 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     model = HierBart.from_bundle(bundle_dir)
-    stats = bundle.reference_stats or {}
-    engine = sample_engine(
-        model, bundle.vocab,
-        max_visits=max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
-        max_codes=max((int(k) for k in stats.get("codes_per_visit", {})), default=40))
+    max_visits, max_codes = length_limits(bundle.reference_stats or {})
+    engine = sample_engine(model, bundle.vocab, max_visits=max_visits, max_codes=max_codes)
     real = validation_subsample(val, patients, seed + 29)
     calibration = fit_stop_calibration(engine, cycled_demographics(real, patients),
                                        train, seed=seed, log=log)

@@ -193,11 +193,10 @@ class Engine:
         if bundle.has_file(CALIBRATION_FILE):
             calibration = StopCalibration.load(bundle.file(CALIBRATION_FILE))
         positions = int(bundle.model_config.get("max_positions", 256))
+        max_visits, max_codes = length_limits(stats)
         options: dict[str, Any] = {
             "max_length": positions, "max_prompt_length": positions,
-            "max_visits": max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
-            "max_codes_per_visit": max((int(k) for k in stats.get("codes_per_visit", {})),
-                                       default=40),
+            "max_visits": max_visits, "max_codes_per_visit": max_codes,
             "batch_size": batch_size, "calibration": calibration,
             "unavailable": dict(dp.get("unavailable_strategies") or {})}
         options.update(overrides)
@@ -653,6 +652,13 @@ class Engine:
             f"within Jaccard distance {params.min_distance} of a training patient after "
             f"{params.max_retries + 1} tries; lower keep_fraction or min_distance, or raise "
             "max_retries")
+
+
+def length_limits(stats: dict[str, Any]) -> tuple[int, int]:
+    """``(visits per patient, codes per visit)`` caps from a bundle's reference statistics:
+    the training split's largest patient and visit (20 and 40 where they are absent)."""
+    return (max((int(k) for k in stats.get("visits_per_patient", {})), default=20),
+            max((int(k) for k in stats.get("codes_per_visit", {})), default=40))
 
 
 _RERANK_STREAM = 0x52455241  # the selection draw's stream (candidates use streams 0..k-1)

@@ -12,13 +12,12 @@ so the same result always has the same ids, and references use ``urn:uuid:`` ful
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 from app.icd9.codes import dotted_code
-from app.service.exports import DATE, FLUSH_BYTES, ExportContext, code_detail
+from app.service.exports import DATE, ExportContext, code_detail, ndjson_lines
 
 __all__ = ["ICD9_SYSTEM", "fhir_bundle", "fhir_ndjson"]
 
@@ -75,15 +74,4 @@ def fhir_bundle(row: dict, context: ExportContext, result_id: str) -> dict:
 def fhir_ndjson(rows: Iterable[dict], context: ExportContext,
                 result_id: str) -> Iterator[bytes]:
     """One bundle a line, flushed in blocks of about 64 KiB."""
-    buf: list[bytes] = []
-    size = 0
-    for row in rows:
-        part = json.dumps(fhir_bundle(row, context, result_id),
-                          separators=(",", ":")).encode() + b"\n"
-        buf.append(part)
-        size += len(part)
-        if size >= FLUSH_BYTES:
-            yield b"".join(buf)
-            buf, size = [], 0
-    if buf:
-        yield b"".join(buf)
+    return ndjson_lines(fhir_bundle(row, context, result_id) for row in rows)

@@ -164,12 +164,12 @@ def _json(rows: Iterable[dict], meta: dict, context: ExportContext) -> Iterator[
     yield b"".join(buf)
 
 
-def _ndjson(rows: Iterable[dict], context: ExportContext) -> Iterator[bytes]:
+def ndjson_lines(objects: Iterable[dict]) -> Iterator[bytes]:
+    """One compact JSON object a line, flushed in blocks of about ``FLUSH_BYTES``."""
     buf: list[bytes] = []
     size = 0
-    for row in rows:
-        out = patient_out(row, context.dates(row))
-        part = json.dumps(out, separators=(",", ":")).encode() + b"\n"
+    for obj in objects:
+        part = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
         buf.append(part)
         size += len(part)
         if size >= FLUSH_BYTES:
@@ -177,6 +177,10 @@ def _ndjson(rows: Iterable[dict], context: ExportContext) -> Iterator[bytes]:
             buf, size = [], 0
     if buf:
         yield b"".join(buf)
+
+
+def _ndjson(rows: Iterable[dict], context: ExportContext) -> Iterator[bytes]:
+    return ndjson_lines(patient_out(row, context.dates(row)) for row in rows)
 
 
 class _Sink:
