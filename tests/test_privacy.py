@@ -72,7 +72,8 @@ def test_suppressed_codes_never_generated_nor_listed(tmp_path):
 
     cfg = RunConfig(model=model_config_for("tiny")).override(
         {"train.epochs": 1, "train.batch_size": 64, "train.threads": 1,
-         "train.warmup_steps": 5})
+         "train.warmup_steps": 5, "train.fidelity_patients": 500,
+         "train.calibration_patients": 500})
     result = train(corpus(), tmp_path / "b", cfg, progress=False, log=lambda m: None)
     small = result.manifest["privacy"]["small_cell_suppression"]
     assert small == {"min_patients_per_code": 11, "codes_kept": len(COMMON),
@@ -206,7 +207,8 @@ def dp_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp") / "dp"
     cfg = RunConfig(model=model_config_for("tiny")).override(
         {"train.epochs": 2, "train.batch_size": 64, "train.threads": 1,
-         "train.warmup_steps": 5, "train.dp_epsilon": 8.0, "train.patience": 5})
+         "train.warmup_steps": 5, "train.dp_epsilon": 8.0, "train.patience": 5,
+         "train.fidelity_patients": 500, "train.calibration_patients": 500})
     return train(corpus(), out, cfg, progress=False, log=lambda m: None)
 
 

@@ -29,6 +29,8 @@ def tiny_run(**train) -> RunConfig:
     cfg = RunConfig(model=model_config_for("tiny", max_positions=512))
     return cfg.override({"train.batch_size": 16, "train.epochs": 2, "train.warmup_steps": 5,
                          "train.threads": 1, "objective.cooc_weight": 0.1,
+                         # a 100-patient corpus: a small fidelity sample keeps the tests fast
+                         "train.fidelity_patients": 500, "train.calibration_patients": 500,
                          **{f"train.{k}": v for k, v in train.items()}})
 
 

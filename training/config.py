@@ -149,8 +149,16 @@ class TrainConfig(_Json):
     weight_decay: float = 0.01
     warmup_steps: int = 200  # capped at half an epoch and 5% of the run (training.schedule)
     grad_clip: float = 1.0
-    patience: int = 4  # epochs without improvement (counted in the schedule's second half)
+    # epochs without improvement that stop training; counted only once the schedule is this far
+    # through (by steps): before it has annealed the learning rate is high and a flat score is
+    # expected, and the fidelity score's sampling noise (+-0.02) would stop it by chance
+    patience: int = 4
+    patience_from: float = 0.75
     min_delta: float = 1e-3  # improvement that counts (relative for nll, absolute for fidelity)
+    # checkpoint selection keeps the latest epoch whose score is within this of the best so
+    # far (absolute for fidelity, relative for nll): among epochs equal within noise the most
+    # annealed one wins, not an early epoch's lucky draw
+    select_tolerance: float = 0.01
     seed: int = 0
     # torch threads: 1 by default, since two OpenMP threads on a 2-core machine that is busy
     # with anything else are slower than one (bench/train_threads.py); --threads 2 on an idle one
@@ -170,8 +178,8 @@ class TrainConfig(_Json):
     # "nll_per_token" / "nll_per_code"
     monitor: str = "fidelity"
     # patients in the fidelity sample: validation patients (0: all), their demographics cycled
-    # up to this many where the split is smaller
-    fidelity_patients: int = 4000
+    # up to this many where the split is smaller (8,000 halves the noise of 4,000's +-0.02)
+    fidelity_patients: int = 8000
     calibrate: bool = True  # fit the stop calibration (app.decoding.calibration) at the end
     # demographics per calibration sample: validation patients, cycled up to this many
     calibration_patients: int = 8000

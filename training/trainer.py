@@ -30,7 +30,7 @@ from app.corpus import Corpus, Patient
 from app.decoding.calibration import CALIBRATION_FILE
 from training.bundle import add_bundle_file, corpus_hash, write_bundle, write_manifest
 from training.calibrate import fit_stop_calibration
-from training.config import ObjectiveConfig, RunConfig
+from training.config import ObjectiveConfig, RunConfig, TrainConfig
 from training.dataset import (
     EncodedPatient,
     code_rank,
@@ -117,6 +117,21 @@ def _param_groups(model: HierBart, weight_decay: float) -> list[dict[str, Any]]:
             no_decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _judge(score: float, best: float, higher_is_better: bool,
+           tc: TrainConfig) -> tuple[bool, bool]:
+    """``(improved, selected)`` of an epoch's validation ``score`` against the ``best`` so far.
+
+    Improved: better than the best by ``min_delta`` (resets patience). Selected: within
+    ``select_tolerance`` of the best, so the latest of the epochs equal within noise is kept.
+    """
+    if not math.isfinite(best):
+        return True, True
+    if higher_is_better:
+        return score > best + tc.min_delta, score >= best - tc.select_tolerance
+    return (score < best - tc.min_delta * abs(best),
+            score <= best + tc.select_tolerance * abs(best))
 
 
 def _log_default(message: str) -> None:
@@ -294,16 +309,13 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
             4 * fidelity["sample_seconds"] * n_cal / max(n_fid, 1)
             if fidelity and tc.calibrate else 0.0)
-        if higher_is_better:
-            improved = not math.isfinite(best_score) or score > best_score + tc.min_delta
-        else:
-            improved = not math.isfinite(best_score) or \
-                score < best_score - tc.min_delta * abs(best_score)
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
+        improved, selected = _judge(score, best_score, higher_is_better, tc)
+        if selected:
+            best_epoch = epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif schedule.progress(scheduler.last_epoch) >= 0.5:
-            # before half the schedule a flat score is expected (high learning rate)
+        if improved:
+            best_score, bad_epochs = score, 0
+        elif schedule.progress(scheduler.last_epoch) >= tc.patience_from:
             bad_epochs += 1
         record = {"epoch": epoch + 1, "train_loss": total / max(n_tok, 1),
                   "train_ppl_code": math.exp(code_nll / max(n_code, 1)),
@@ -313,7 +325,8 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
                   "val_nll_structure": val_gen["nll_per_structure_token"],
                   "val_fidelity": fidelity, "score": score,
                   "lr": scheduler.get_last_lr()[0], "train_seconds": train_s,
-                  "seconds": time.perf_counter() - epoch_start, "best": improved}
+                  "seconds": time.perf_counter() - epoch_start, "best": improved,
+                  "selected": selected}
         history.append(record)
         fid_text = (f" | val fidelity {score:.4f} (bigram R2 {fidelity['bigram_r2']:.3f}, "
                     f"unigram R2 {fidelity['unigram_r2']:.3f}, KS visits "
@@ -321,7 +334,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         log(f"epoch {epoch + 1}/{planned_epochs}: train loss {record['train_loss']:.4f} "
             f"(ppl/code {record['train_ppl_code']:.2f}) | val loss {record['val_loss']:.4f} | "
             f"val from demographics: nll/token {val_gen['nll_per_token']:.4f}, ppl/code "
-            f"{record['val_ppl_code']:.2f}{fid_text}{' *' if improved else ''} | lr "
+            f"{record['val_ppl_code']:.2f}{fid_text}{' *' if selected else ''} | lr "
             f"{record['lr']:.2e} | {record['seconds']:.0f}s")
         epochs_run += 1
         replan(epoch + 1, float(np.mean([h["seconds"] for h in history[-3:]])))
