@@ -212,3 +212,26 @@ def test_trainer_on_demo_preset(tmp_path):
     assert result.manifest["data"]["source"] == corpus.source
     assert result.manifest["splits"]["train_used"] == 600
     load_bundle(tmp_path / "demo")
+
+
+def test_selection_keeps_the_latest_epoch_within_noise_of_the_best():
+    """A lucky early fidelity draw does not beat later, annealed epochs equal within noise;
+    a clearly worse late epoch is not selected; nll (lower is better) is relative."""
+    from training.config import TrainConfig
+    from training.trainer import _judge
+
+    tc = TrainConfig(min_delta=1e-3, select_tolerance=0.01)
+
+    def selected(scores, higher=True):
+        best, chosen = float("nan"), -1
+        for epoch, score in enumerate(scores):
+            improved, keep = _judge(score, best, higher, tc)
+            chosen = epoch if keep else chosen
+            best = score if improved else best
+        return chosen
+
+    assert selected([0.80, 0.93, 0.90, 0.925, 0.922]) == 4  # 0.922 within 0.01 of 0.93
+    assert selected([0.80, 0.93, 0.90, 0.925, 0.91]) == 3  # 0.91 is not
+    assert selected([3.0, 2.5, 2.52, 2.6], higher=False) == 2  # within 1% of 2.5, not 4%
+    improved, keep = _judge(0.9305, 0.93, True, tc)
+    assert keep and not improved  # inside min_delta: kept, but patience is not reset
