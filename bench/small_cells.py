@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from app.vocab import Vocabulary
-from training.cli_train import load_training_corpus
+from training.cli.train import load_training_corpus
 from training.splits import split_patients
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -27,7 +27,7 @@ def _second_bundle():
             return SECOND
         except Exception:  # noqa: BLE001 - stale cache: rebuild
             shutil.rmtree(SECOND)
-    from training.cli_train import run_train
+    from training.cli.train import run_train
 
     run_train(out=SECOND, source=None, data=None, preset="demo", size="tiny",
               overrides={"train.max_train_patients": 600}, epochs=1, batch_size=64,

@@ -156,8 +156,8 @@ def test_recorded_date_format_reloads_the_corpus(tmp_path):
     """evaluate/calibrate reload a bundle's corpus with the date format training was given."""
     import typer
 
-    from app.cli import load_bundle_corpus
     from training.bundle import corpus_hash
+    from training.cli.evaluate import load_bundle_corpus
     from training.loaders import load_corpus
 
     rows = ["patient_id,visit_id,code,age,sex,visit_time"]

@@ -67,7 +67,7 @@ def tiny_bundle() -> Path | None:
     try:
         import torch  # noqa: F401
 
-        from training.cli_train import run_train
+        from training.cli.train import run_train
     except Exception as err:  # noqa: BLE001 - serving-only environment
         _BUILD_ERROR[:] = [f"no trainer here: {err}"]
         return None
