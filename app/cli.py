@@ -555,9 +555,10 @@ def evaluate_command(
         raise fail(f"bundle {bundle} has no retrieval index (train_index.json.gz): drop "
                    "retrieve_edit from --strategies")
 
-    def generate(strategy, demographics, seed, *, validity_mask=True):
-        return engine.generate(demographics, strategy, params=strategy_params.get(strategy),
-                               seed=seed, validity_mask=validity_mask).patients
+    from app.runtime.generation import GenerationService
+    from training.evaluate import service_generate_fn
+
+    generate = service_generate_fn(GenerationService.over_engine(engine), strategy_params)
 
     name = manifest.get("name") or bundle.name
     out_dir = out if out is not None else Path("reports") / bundle.resolve().name
@@ -682,9 +683,9 @@ def generate_command(
     import json
 
     from app.athena import AthenaError, load_athena
+    from app.runtime.generators import load_generator
     from app.service.cohort_file import write_cohort
     from app.service.exports import FORMATS
-    from app.service.generation import load_generator
     from app.service.jobs import possible_demographics
 
     if fmt not in FORMATS:
@@ -758,7 +759,7 @@ def worker_command(
     import signal
     import threading
 
-    from app.service.models import load_configured
+    from app.runtime.bundles import load_configured
     from app.service.store import RedisStore
     from app.service.worker import Worker
 
