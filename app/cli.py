@@ -307,9 +307,9 @@ def generate_command(
     import json
 
     from app.athena import AthenaError, load_athena
+    from app.runtime.generators import load_generator
     from app.service.cohort_file import write_cohort
     from app.service.exports import FORMATS
-    from app.service.generation import load_generator
     from app.service.jobs import possible_demographics
 
     if fmt not in FORMATS:
@@ -383,7 +383,7 @@ def worker_command(
     import signal
     import threading
 
-    from app.service.models import load_configured
+    from app.runtime.bundles import load_configured
     from app.service.store import RedisStore
     from app.service.worker import Worker
 

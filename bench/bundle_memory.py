@@ -2,7 +2,7 @@
 
     python bench/bundle_memory.py BUNDLE [BUNDLE ...] [--copies N]
 
-Loads the bundles one after the other into one :class:`app.service.models.GeneratorSet` (each
+Loads the bundles one after the other into one :class:`app.runtime.bundles.GeneratorSet` (each
 also generates 8 patients, so ONNX Runtime's arenas are warm), and prints the process's RSS
 (``VmRSS``) before and after each, with the increments. ``--copies N`` loads N copies of each
 bundle (copied into a temporary folder under distinct names) to show the per-bundle cost.
@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1)
     args = parser.parse_args()
 
-    from app.service.generation import load_generator
-    from app.service.models import GeneratorSet
+    from app.runtime.bundles import GeneratorSet
+    from app.runtime.generators import load_generator
 
     with tempfile.TemporaryDirectory(prefix="bundle-memory-") as tmp:
         paths = []

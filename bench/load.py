@@ -148,7 +148,7 @@ async def hammer_raw(base: str, clients: int, seconds: float, max_requests: int)
 def engine_throughput(bundle: Path, batch: int, seconds: float) -> float:
     """Patients/s of the engine alone (``generate`` on ``batch`` patients per call, in this
     process, ``SYNTHEHR_ORT_THREADS`` threads as the server): best of 3 passes."""
-    from app.service.generation import load_generator
+    from app.runtime.generators import load_generator
     from app.settings import Settings
 
     gen = load_generator(bundle, Settings().ort_threads)

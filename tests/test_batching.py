@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_support import session_generator
 
+from app.runtime.batcher import MicroBatcher
 from app.service.api import create_app
-from app.service.batcher import MicroBatcher
 from app.service.store import EmbeddedStore
 from app.settings import Settings
 

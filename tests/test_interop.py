@@ -388,7 +388,7 @@ def test_generate_cli_writes_without_service_or_training(tmp_path):
 
 
 def test_exports_use_the_bundle_intervals(gen, tmp_path):
-    from app.service.generation import BundleGenerator
+    from app.runtime.generators import BundleGenerator
 
     if isinstance(gen, BundleGenerator):  # the demo simulation has no visit times
         assert gen.visit_intervals == DEFAULT_INTERVALS

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_support import BUNDLE_CACHE, tiny_bundle, wait_for
 
+from app.runtime.bundles import bundle_paths, load_models
 from app.service.api import create_app
-from app.service.models import bundle_paths, load_models
 from app.service.store import EmbeddedStore
 from app.settings import Settings
 
@@ -19,7 +19,7 @@ SECOND = BUNDLE_CACHE.parent / "tiny-demo-seed1"
 
 def _second_bundle():
     """A second tiny bundle, trained with another seed (so its patients differ)."""
-    from app.service.generation import BundleGenerator
+    from app.runtime.generators import BundleGenerator
 
     if (SECOND / "manifest.json").is_file():
         try:

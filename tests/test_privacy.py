@@ -245,8 +245,8 @@ def test_dp_bundle_ships_only_released_statistics(dp_bundle):
 def test_dp_bundle_refuses_retrieve_edit_with_reason(dp_bundle):
     from app.decoding.engine import Engine
     from app.decoding.errors import StrategyUnavailableError
+    from app.runtime.generators import BundleGenerator
     from app.service.api import create_app
-    from app.service.generation import BundleGenerator
     from app.service.store import EmbeddedStore
     from app.settings import Settings
 

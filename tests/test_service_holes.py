@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_support import SlowGenerator, free_port, session_generator, wait_for
 
+from app.runtime.generators import EngineGenerator
 from app.service.api import create_app, key_is_valid
-from app.service.generation import EngineGenerator
 from app.service.store import EmbeddedStore
 from app.service.worker import Worker, start_thread
 from app.settings import Settings

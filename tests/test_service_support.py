@@ -48,7 +48,7 @@ _BUILD_ERROR: list[str] = []
 
 def _bundle_usable(path: Path) -> bool:
     try:
-        from app.service.generation import BundleGenerator
+        from app.runtime.generators import BundleGenerator
 
         BundleGenerator(path)
         return True
@@ -89,7 +89,7 @@ def random_engine_generator(seed: int = 0):
     from app.decoding.model_api import RandomStepModel
     from app.icd9.codes import category_of
     from app.icd9.hierarchy import load_hierarchy
-    from app.service.generation import EngineGenerator
+    from app.runtime.generators import EngineGenerator
     from app.vocab import Vocabulary
 
     codes = sorted(load_hierarchy().billable_codes[::47])[:300] + ["25000", "4019"]
@@ -134,7 +134,7 @@ def session_generator():
                 f"no test bundle could be built ({'; '.join(_BUILD_ERROR) or 'unknown'}); "
                 f"install the train extra, or set {RANDOM_MODEL_ENV}=1 to run the service "
                 "tests over an untrained random model")
-        from app.service.generation import BundleGenerator
+        from app.runtime.generators import BundleGenerator
 
         _GENERATOR.append(BundleGenerator(path))
     return _GENERATOR[0]

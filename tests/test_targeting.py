@@ -209,7 +209,7 @@ class _SmallBatches:
 def test_targeted_patients_ignore_stop_slicing_and_stop_between_engine_calls(gen):
     """A stoppable targeted request is decoded an engine batch at a time with the same
     patients; rows are keyed on their number (``first_index``); a stop request ends it."""
-    from app.service.generation import EngineGenerator, GenerationStopped
+    from app.runtime.generators import EngineGenerator, GenerationStopped
 
     engine = _SmallBatches(gen.engine, 4)
     small = EngineGenerator(engine, gen.manifest, gen.bundle_version)

@@ -19,8 +19,9 @@ It must return one patient per (age, sex), in order. The driver calls it in chun
 show progress), each chunk with its own seed derived from the run's seed; ``validity_mask=False``
 asks for the model alone (no MCE mask in decoding), which is only scored for validity.
 
-The CLI (``synthehr evaluate``) only has to build that callable from a bundle and call
-:func:`run_protocol`.
+The CLI (``synthehr evaluate``) builds that callable with :func:`service_generate_fn`, over the
+runtime's generation service (the door the API and the cohort worker generate through), and
+calls :func:`run_protocol`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from app.metrics import (
 from app.metrics_extended import ExtendedReference, add_gap_shares, extended_metrics
 from training.report import BASELINE, FLOOR, print_table, write_report
 
+if TYPE_CHECKING:
+    from app.runtime.generation import GenerationService
+
 __all__ = [
     "BASELINE",
     "FLOOR",
@@ -58,6 +62,7 @@ __all__ = [
     "protocol_cohorts",
     "protocol_demographics",
     "run_protocol",
+    "service_generate_fn",
 ]
 
 MODEL_ALONE_SUFFIX = " (model alone)"
@@ -75,6 +80,34 @@ SOURCE_CITATIONS = {
 class GenerateFn(Protocol):
     def __call__(self, strategy: str, demographics: list[tuple[float, str]], seed: int, *,
                  validity_mask: bool = True) -> list[Patient]: ...
+
+
+def service_generate_fn(service: GenerationService,
+                        params: Mapping[str, Mapping[str, Any]] | None = None) -> GenerateFn:
+    """The protocol's callable over the generation service: each call (one chunk) is one typed
+    request - the strategy with its ``params``, the chunk's seed, the mask - checked once by
+    the service and decoded in this thread. A refused request raises
+    :class:`~app.decoding.errors.InvalidParametersError`."""
+    from pydantic import ValidationError
+
+    from app.decoding.errors import InvalidParametersError
+    from app.runtime.requests import GenerationRequest
+
+    given = {name: dict(values) for name, values in (params or {}).items()}
+
+    def generate(strategy: str, demographics: list[tuple[float, str]], seed: int, *,
+                 validity_mask: bool = True) -> list[Patient]:
+        try:
+            request = GenerationRequest.model_validate({
+                "strategy": strategy, "params": given.get(strategy, {}), "seed": seed,
+                "validity_mask": validity_mask})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            raise InvalidParametersError(f"{strategy}: {where}: {first['msg']}") from None
+        return service.generate(service.prepare(request), demographics)
+
+    return generate
 
 
 def derive_seed(seed: int, *keys: str | int) -> int:

@@ -1,8 +1,8 @@
 """A cohort written straight to a file, without the service (``synthehr generate``).
 
 The cohort is generated chunk by chunk exactly as the service's worker does
-(:func:`app.service.jobs.generate_chunk`, with the job id the service would give the same spec
-and bundle), so the file holds the same patients, ids and dates as
+(:func:`app.service.jobs.generate_chunk` through the generation service, with the job id the
+service would give the same spec and bundle), so the file holds the same patients, ids and dates as
 ``GET /v1/cohorts/{id}/result?format=...`` run with the same ``chunk_size`` and
 ``generation_batch``. Generated rows are spooled to a temporary NDJSON file (the table formats
 read the cohort once per table), never held in memory; the output is written to ``<out>.part``
@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.runtime.generation import GenerationService
+from app.runtime.requests import CohortSpec
 from app.service import exports
 from app.service.jobs import generate_chunk, job_id_for
-from app.service.schemas import CohortSpec
 
 __all__ = ["CohortFile", "write_cohort"]
 
@@ -40,17 +41,19 @@ class CohortFile:
 def write_cohort(generator, spec: CohortSpec, fmt: str, out: str | Path, *,
                  chunk_size: int = 500, batch: int = 64, concepts=None) -> CohortFile:
     """Generate ``spec`` with ``generator`` and write it to ``out`` in ``fmt``
-    (one of :data:`app.service.exports.FORMATS`)."""
+    (one of :data:`app.service.exports.FORMATS`). The spec is taken as checked (the caller
+    refuses what the service would, :meth:`GenerationService.prepare`)."""
     if fmt not in exports.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(exports.FORMATS)}")
     out = Path(out)
     job_id = job_id_for(spec, generator.bundle_version)
     n_chunks = -(-spec.size // chunk_size)
+    generation = GenerationService.of(generator)
     with tempfile.TemporaryDirectory(prefix="synthehr-cohort-") as tmp:
         spool = Path(tmp) / "rows.ndjson"
         with open(spool, "w", encoding="utf-8") as handle:
             for index in range(n_chunks):
-                rows = generate_chunk(generator, spec, job_id, index, chunk_size, batch)
+                rows = generate_chunk(generation, spec, job_id, index, chunk_size, batch)
                 handle.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
 
         def rows() -> Iterator[dict]:

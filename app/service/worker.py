@@ -6,7 +6,8 @@ free chunk of the oldest unfinished cohort, so all live workers share one cohort
 runs, it records its presence in the store every third of ``lease_s``. A chunk whose worker's
 heartbeat is older than the lease (the worker died or hangs) is taken over by the next claim,
 and the job resumes from the chunks already stored. When idle, a worker also deletes the result
-files of jobs the store has forgotten (every ``results_sweep_s``).
+files of jobs the store has forgotten (every ``results_sweep_s``). Chunks are decoded by the
+generation service (:mod:`app.runtime.generation`): the API's own when the worker runs inside it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
+from app.runtime.generation import GenerationService
+from app.runtime.redact import redact_text
 from app.service.jobs import JobAbandoned, run_chunk
-from app.service.redact import redact_text
 from app.service.results import sweep_orphans
 from app.service.store import JobStore
 from app.settings import Settings
@@ -30,10 +33,13 @@ log = logging.getLogger("synthehr.worker")
 
 
 class Worker:
-    def __init__(self, store: JobStore, generator, settings: Settings,
+    """Runs cohort chunks with ``generation`` (a :class:`GenerationService`, or the generator
+    or bundle set one is made over)."""
+
+    def __init__(self, store: JobStore, generation: GenerationService | Any, settings: Settings,
                  name: str | None = None) -> None:
         self.store = store
-        self.generator = generator
+        self.generation = GenerationService.of(generation)
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.jobs_done = 0  # jobs whose last chunk this worker stored
@@ -69,7 +75,7 @@ class Worker:
                         extra={"job": job_id, "chunk": lease.index, "worker": self.name})
         started = time.perf_counter()
         try:
-            status = run_chunk(self.store, self.generator, lease, self.name,
+            status = run_chunk(self.store, self.generation, lease, self.name,
                                ttl=self.settings.cache_ttl_s, lease_s=self.settings.lease_s,
                                batch=self.settings.generation_batch, stop=stop)
             self.chunks_done += 1

@@ -208,9 +208,10 @@ def evaluate_command(
         raise fail(f"bundle {bundle} has no retrieval index (train_index.json.gz): drop "
                    "retrieve_edit from --strategies")
 
-    def generate(strategy, demographics, seed, *, validity_mask=True):
-        return engine.generate(demographics, strategy, params=strategy_params.get(strategy),
-                               seed=seed, validity_mask=validity_mask).patients
+    from app.runtime.generation import GenerationService
+    from training.evaluate import service_generate_fn
+
+    generate = service_generate_fn(GenerationService.over_engine(engine), strategy_params)
 
     name = manifest.get("name") or bundle.name
     out_dir = out if out is not None else Path("reports") / bundle.resolve().name

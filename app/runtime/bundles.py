@@ -1,4 +1,4 @@
-"""Several bundles in one service: :class:`GeneratorSet` and :func:`load_models`.
+"""The bundles a process serves: one, or several by name (:class:`GeneratorSet`).
 
 ``SYNTHEHR_BUNDLES`` names the bundles to load: a comma-separated list of bundle folders, or
 one folder whose sub-folders holding a ``manifest.json`` are bundles (loaded in name order).
@@ -8,8 +8,9 @@ names must be unique. The
 first bundle is the default: requests without ``model`` use it.
 
 A :class:`GeneratorSet` behaves as its default generator (so code written for one bundle keeps
-working) and adds :meth:`GeneratorSet.for_model` and :meth:`GeneratorSet.by_version`; the cohort
-worker resolves each job's ``model`` through it, so one worker serves every loaded bundle.
+working) and adds :meth:`GeneratorSet.for_model` and :meth:`GeneratorSet.by_version`; the
+generation service (:mod:`app.runtime.generation`) resolves each request's ``model`` through it,
+so one API process or worker serves every loaded bundle.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.service.generation import load_generator
+from app.runtime.generators import load_generator
 
 __all__ = ["GeneratorSet", "UnknownModelError", "bundle_paths", "load_configured",
            "load_models", "model_name"]

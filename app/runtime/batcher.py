@@ -1,4 +1,4 @@
-"""Micro-batching of synchronous ``POST /v1/patients`` requests.
+"""The generation service's micro-batching queue (:mod:`app.runtime.generation`).
 
 One patient decoded alone leaves most of a CPU core idle between tiny matrix products; decoded
 together with others it costs a fraction of that (the engine's tokens/s at batch 32 is several
@@ -55,7 +55,7 @@ class _Request:
 class _Group:
     key: tuple
     strategy: str
-    params: dict[str, Any]
+    params: Any  # a dict or the strategy's parsed parameter model
     validity_mask: bool
     items: list[_Request] = field(default_factory=list)
     n_patients: int = 0
@@ -84,7 +84,7 @@ class MicroBatcher:
         return self.window_s > 0 and hasattr(self.generator, "generate_batch")
 
     async def generate(self, demographics: list[tuple[float, str]], strategy: str,
-                       params: dict[str, Any], seed: int, must_include: list[str] | None,
+                       params: Any, seed: int, must_include: list[str] | None,
                        validity_mask: bool) -> list:
         """The patients of one request, exactly as ``generator.generate`` would give them."""
         loop = asyncio.get_running_loop()
@@ -100,6 +100,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 cancel.set()  # the thread stops at its next engine batch
                 raise
+        # params: a dict, or the strategy's parsed model (whose str() lists every value)
         key = (strategy, json.dumps(params, sort_keys=True, default=str), bool(validity_mask))
         request = _Request(list(demographics), int(seed), list(must_include or []),
                            loop.create_future())

@@ -1,11 +1,12 @@
-"""The service's one door to the generation engine.
+"""A loaded bundle and its decoding engine: the generators the generation service drives.
 
 :class:`BundleGenerator` loads a runtime bundle (:mod:`app.bundle`), builds the numpy decoding
-engine over its ONNX Runtime graphs (:mod:`app.decoding.engine`) and exposes exactly what the
-routes and the worker need: ``generate(demographics, strategy, params, seed, must_include,
-validity_mask) -> list[Patient]``, ``generate_batch`` (several requests' rows in one engine
-call, for :mod:`app.service.batcher`), ``manifest``, ``evaluation``, ``bundle_version`` and
-``has_code``. Nothing else in :mod:`app.service` imports the engine, so an engine change is
+engine over its ONNX Runtime graphs (:mod:`app.decoding.engine`) and adds the bundle's identity:
+``manifest`` and ``evaluation`` (both without training records or paths), ``bundle_version``,
+``strategies``, ``has_code`` and ``check_target``. ``generate`` decodes one request's rows and
+``generate_batch`` the rows of several requests in one engine call (for the micro-batching
+queue, :mod:`app.runtime.batcher`). Only :mod:`app.runtime.generation` calls them in the
+running system; nothing outside :mod:`app.runtime` imports the engine, so an engine change is
 absorbed here.
 """
 
@@ -17,19 +18,18 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.corpus import Patient
-from app.service.redact import public_value
+from app.runtime.redact import public_value
 
-__all__ = ["BundleGenerator", "EngineGenerator", "GenerationStopped", "GenerationUnavailable",
-           "Generator", "load_generator"]
+if TYPE_CHECKING:
+    from app.decoding.params import PlainParams
+
+__all__ = ["BundleGenerator", "EngineGenerator", "GenerationStopped", "Generator",
+           "load_generator"]
 
 log = logging.getLogger("synthehr.generation")
-
-
-class GenerationUnavailable(RuntimeError):
-    """No bundle is loaded (missing, refused, or still loading)."""
 
 
 class GenerationStopped(RuntimeError):
@@ -46,7 +46,7 @@ class Generator(Protocol):
     strategies: list[str]
 
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
-                 params: dict[str, Any] | None = None, seed: int = 0,
+                 params: PlainParams | dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
                  validity_mask: bool = True, *, first_index: int = 0,
                  should_stop: StopCheck | None = None) -> list[Patient]: ...
@@ -123,7 +123,7 @@ class EngineGenerator:
                         targeting.expand(exclude, "exclude"), validity_mask)
 
     def generate(self, demographics: list[tuple[float, str]], strategy: str = "plain",
-                 params: dict[str, Any] | None = None, seed: int = 0,
+                 params: PlainParams | dict[str, Any] | None = None, seed: int = 0,
                  must_include: list[str] | None = None,
                  validity_mask: bool = True, *, first_index: int = 0,
                  should_stop: StopCheck | None = None, any_of: list[str] | None = None,
@@ -155,7 +155,7 @@ class EngineGenerator:
         return self._rows(rows, strategy, params, validity_mask, should_stop)
 
     def generate_batch(self, requests: list[tuple[list[tuple[float, str]], int, list[str] | None]],
-                       strategy: str = "plain", params: dict[str, Any] | None = None,
+                       strategy: str = "plain", params: PlainParams | dict[str, Any] | None = None,
                        validity_mask: bool = True, *,
                        should_stop: StopCheck | None = None) -> list[list[Patient]]:
         """Several requests ``(demographics, seed, must_include)`` of one strategy, params and
@@ -174,7 +174,7 @@ class EngineGenerator:
             start += len(demo)
         return out
 
-    def _slice_patients(self, strategy: str, params: dict[str, Any] | None) -> int:
+    def _slice_patients(self, strategy: str, params: PlainParams | dict[str, Any] | None) -> int:
         """Patients per engine call: one engine batch of decoded rows. The engine cuts a call
         into batches of this many patients anyway, so slicing here changes no batch's
         composition; it only lets a stop request take effect between batches."""
@@ -186,7 +186,7 @@ class EngineGenerator:
         return max(1, batch)
 
     def _rows(self, rows: list[tuple[tuple[float, str], int, int, list[str]]], strategy: str,
-              params: dict[str, Any] | None, validity_mask: bool,
+              params: PlainParams | dict[str, Any] | None, validity_mask: bool,
               should_stop: StopCheck | None, exclude: list[str] | None = None) -> list[Patient]:
         """Decode ``(demographics, seed, index, must_include)`` rows, an engine batch at a
         time when ``should_stop`` is given (else in one call); ``exclude``: codes never
