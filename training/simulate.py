@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from app.corpus import AGE_CAP, Corpus, Patient
 from app.icd9.codes import category_of
@@ -80,9 +81,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
+class SimulationConfig(BaseModel):
     """Parameters of the generative process (see the module docstring for how each is used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str  # preset name; the corpus source is "simulated:<name>"
     n_patients: int  # number of patients
@@ -108,7 +110,8 @@ class SimulationConfig:
     adult_age_sd: float  # adults: normal standard deviation, years
     male_share: float  # share of male patients
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulationConfig:
         if self.n_patients < 1 or self.n_clusters < 1 or self.background_size < 1:
             raise ValueError("n_patients, n_clusters and background_size must be positive")
         if self.mean_codes_per_visit < 1 or self.mean_visits_per_patient < 1:
@@ -118,6 +121,7 @@ class SimulationConfig:
             raise ValueError("clusters_per_patient must be three probabilities summing to 1")
         if not 0 <= self.newborn_share + self.child_share <= 1:
             raise ValueError("newborn_share + child_share must lie in [0, 1]")
+        return self
 
 
 PRESETS: dict[str, SimulationConfig] = {
@@ -184,7 +188,7 @@ class SimulatedCorpus:
         payload = {
             "source": self.corpus.source,
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": self.config.model_dump(),
             "clusters": [c.to_dict() for c in self.clusters],
         }
         return json.dumps(payload, indent=1)
