@@ -84,6 +84,7 @@ from scipy.stats import ks_2samp, rankdata
 
 from app.corpus import Patient
 from app.icd9.edits import CodeEdits, load_edits
+from app.similarity import nearest_jaccard_distance, visits_key
 
 __all__ = [
     "GAP_SHARE",
@@ -488,8 +489,9 @@ def well_formed_rate(patients: Sequence[Patient]) -> float:
 # -- privacy -----------------------------------------------------------------------------------
 
 def record_key(patient: Patient) -> tuple[tuple[str, ...], ...]:
-    """A patient's record for exact-copy matching: visits in order, each as a sorted code set."""
-    return tuple(tuple(sorted(set(v))) for v in patient.visits)
+    """A patient's record for exact-copy matching: visits in order, each as a sorted code set
+    (:func:`app.similarity.visits_key`, the ``retrieve_edit`` guard's own test)."""
+    return visits_key(patient.visits)
 
 
 def exact_copy_rate(patients: Sequence[Patient], train: Sequence[Patient] | set) -> float:
@@ -499,37 +501,6 @@ def exact_copy_rate(patients: Sequence[Patient], train: Sequence[Patient] | set)
         return float("nan")
     keys = train if isinstance(train, set) else {record_key(p) for p in train}
     return sum(record_key(p) in keys for p in patients) / len(patients)
-
-
-def nearest_jaccard_distance(queries: sp.spmatrix, base: sp.spmatrix,
-                             block_elements: int = 1 << 23) -> np.ndarray:
-    """For each row of binary ``queries``, the smallest Jaccard distance to a row of binary
-    ``base`` (same columns). Two empty sets are at distance 0; no base rows gives 1.
-
-    Works in blocks of queries: ``base @ dense(block).T`` gives the intersections of every base
-    row with the block, so memory stays near ``block_elements`` floats and no base x base or
-    codes x codes array is formed.
-    """
-    n_cols = max(queries.shape[1], base.shape[1])
-    q = _widen(queries, n_cols).astype(np.float32)
-    b = _widen(base, n_cols).astype(np.float32)
-    q.data[:] = 1.0
-    b.data[:] = 1.0
-    nq, nb = q.shape[0], b.shape[0]
-    out = np.ones(nq, dtype=np.float64)
-    if nq == 0 or nb == 0:
-        return out
-    b_size = np.asarray(b.sum(axis=1), dtype=np.float32).ravel()
-    q_size = np.asarray(q.sum(axis=1), dtype=np.float32).ravel()
-    step = max(1, block_elements // nb)
-    for start in range(0, nq, step):
-        stop = min(nq, start + step)
-        block = np.ascontiguousarray(q[start:stop].toarray().T)  # codes x block
-        inter = np.asarray(b @ block, dtype=np.float32)  # base x block
-        union = b_size[:, None] + q_size[None, start:stop] - inter
-        sim = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
-        out[start:stop] = 1.0 - sim.max(axis=0)
-    return np.clip(out, 0.0, 1.0)
 
 
 def distance_to_closest_record(patients: Sequence[Patient], train: Sequence[Patient]

@@ -48,6 +48,7 @@ from app.icd9.codes import InvalidCodeError, category_of
 from app.icd9.hierarchy import chapter_of
 from app.metrics import CodeIndex
 from app.metrics_breakdown import stratum_of
+from app.similarity import CodeSetIndex
 
 __all__ = [
     "DEFAULT_SENSITIVE_CHAPTER",
@@ -202,20 +203,6 @@ def _known_sets(patients: Sequence[Patient], index: CodeIndex,
     return matrix, np.asarray(labels, dtype=bool)
 
 
-def _nearest(queries: sp.csr_matrix, base: sp.csr_matrix, block: int = 512) -> np.ndarray:
-    """Index of the base row most Jaccard-similar to each query row (first on ties)."""
-    q_size = np.asarray(queries.sum(axis=1)).ravel()
-    b_size = np.asarray(base.sum(axis=1)).ravel()
-    out = np.zeros(queries.shape[0], dtype=np.int64)
-    for start in range(0, queries.shape[0], block):
-        stop = min(queries.shape[0], start + block)
-        inter = (queries[start:stop] @ base.T).toarray()
-        union = q_size[start:stop, None] + b_size[None, :] - inter
-        sim = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        out[start:stop] = sim.argmax(axis=1)
-    return out
-
-
 def attribute_inference_f1(released: Sequence[Patient], targets: Sequence[Patient],
                            sensitive: Callable[[str], bool] | None = None) -> float:
     """F1 (positive class) of the nearest-neighbour attribute-inference attack on ``targets``
@@ -231,5 +218,5 @@ def attribute_inference_f1(released: Sequence[Patient], targets: Sequence[Patien
     query, truth = _known_sets(targets, index, sensitive)
     n = len(index)
     base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], n))
-    guess = base_labels[_nearest(query, base)]
+    guess = base_labels[CodeSetIndex(base).nearest(query)[1]]
     return float(f1_score(truth, guess, zero_division=0.0))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.corpus import Patient
+from app.corpus import SEX_IDS, Patient
 from app.metrics_breakdown import STRATUM_AGE_BANDS
 
 __all__ = ["Halo", "HaloData", "generate_halo", "train_halo"]
@@ -56,7 +56,7 @@ class HaloData:
     def labels(self, age: float, sex: str) -> list[int]:
         band = next((i for i, (lo, hi) in enumerate(STRATUM_AGE_BANDS) if lo <= age < hi),
                     len(STRATUM_AGE_BANDS) - 1)
-        return [self.n_out + (0 if sex == "F" else 1), self.n_out + 2 + band]
+        return [self.n_out + SEX_IDS[sex], self.n_out + 2 + band]
 
     def encode(self, patients: Sequence[Patient], max_visits: int) -> torch.Tensor:
         """patients x (visits + 2) x bits: start visit, visits, end visit, zero padding."""

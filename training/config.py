@@ -1,11 +1,12 @@
 """Typed, JSON-serialisable configuration of the model, the training objective and the trainer.
 
-This module is also the one place that fixes the **demographics conventions** every producer
-and consumer of model inputs uses (:data:`AGE_SCALE`, :data:`SEX_IDS`, :func:`demographics`):
+This module also states the **demographics conventions** every producer and consumer of model
+inputs uses (:data:`AGE_SCALE`, :data:`SEX_IDS`, :func:`demographics`):
 
 * ``age`` is a float tensor of years (at the first visit, capped at 90); the model normalises it
   internally as ``age / AGE_SCALE``.
-* ``sex`` is an int64 tensor, ``0 = F``, ``1 = M`` (:data:`SEX_IDS`).
+* ``sex`` is an int64 tensor, ``0 = F``, ``1 = M`` (:data:`SEX_IDS`, defined once in
+  :mod:`app.corpus` with the patient type, for the serving side's masks and index too).
 
 Further demographic features (categorical or numeric) are declared in
 :attr:`ModelConfig.extra_features` and passed to the model as keyword tensors.
@@ -21,6 +22,8 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from app.corpus import SEX_IDS, SEXES
+
 __all__ = [
     "AGE_SCALE",
     "SEXES",
@@ -35,10 +38,8 @@ __all__ = [
     "model_config_for",
 ]
 
-# -- demographics conventions (the one place) -------------------------------------------------
+# -- demographics conventions -------------------------------------------------------------------
 AGE_SCALE = 90.0  # model input: age / AGE_SCALE
-SEXES = ("F", "M")
-SEX_IDS = {"F": 0, "M": 1}
 
 
 def demographics(age: float, sex: str) -> tuple[float, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.corpus import AGE_BINS, Patient
+from app.corpus import AGE_BINS, SEXES, Patient
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import CHAPTERS, chapter_of
 from app.metrics import (
@@ -504,7 +504,7 @@ def age_sex_breakdown(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[P
     ``min_patients`` on both sides)."""
     real = _groups(test)
     grouped = {name: _groups(patients) for name, patients in cohorts.items()}
-    keys = [(b, s) for b in range(len(AGE_BINS)) for s in ("F", "M")
+    keys = [(b, s) for b in range(len(AGE_BINS)) for s in SEXES
             if real.get((b, s)) or any(g.get((b, s)) for g in grouped.values())]
     labels = [f"{_age_label(*AGE_BINS[b])} {s}" for b, s in keys]
     out = {"groups": labels, "patients": {"real test": [len(real.get(k, [])) for k in keys]},

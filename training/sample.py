@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from app.corpus import Patient
+from app.corpus import SEX_IDS, Patient
 from app.vocab import Vocabulary
-from training.config import SEX_IDS
 from training.dataset import TOKENS
 from training.model import NEG_INF, HierBart
 

@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from app.corpus import AGE_CAP, Corpus, Patient
+from app.corpus import AGE_CAP, SEXES, Corpus, Patient
 from app.icd9.codes import category_of
 from app.icd9.edits import load_edits
 from app.icd9.hierarchy import CHAPTERS, chapter_of, load_hierarchy
@@ -199,8 +199,7 @@ class SimulatedCorpus:
 # Lower edges of the age bands; they include every MCE breakpoint (0, 1, 12, 15, 18, 56), so
 # whether a code passes the edits is constant within a band.
 AGE_BANDS: tuple[int, ...] = (0, 1, 12, 15, 18, 45, 56, 65, 80)
-_SEXES = ("F", "M")
-_N_GROUPS = len(AGE_BANDS) * len(_SEXES)
+_N_GROUPS = len(AGE_BANDS) * len(SEXES)
 _PERINATAL = CHAPTERS[14]
 
 
@@ -250,7 +249,7 @@ def _universe() -> _Universe:
     sex = np.array([edits.sex_edits.get(c, "") for c in codes])
     allowed = np.zeros((_N_GROUPS, len(codes)), dtype=bool)
     for b, age in enumerate(AGE_BANDS):
-        for s, sx in enumerate(_SEXES):
+        for s, sx in enumerate(SEXES):
             ok = (lo <= age) & (age <= hi) & ((sex == "") | (sex == sx))
             if age > 0:
                 ok &= chapter != _PERINATAL.index
@@ -439,7 +438,7 @@ def _build_clusters(config: SimulationConfig, uni: _Universe,
             claimed[i] = k
         chapter = CHAPTERS[chapter_of_cat[run[0]]]
         ages = _GENERATED_AGES[int(rng.choice(len(_GENERATED_AGES), p=_GENERATED_AGE_P))]
-        sex = None if rng.random() < 0.7 else _SEXES[int(rng.integers(2))]
+        sex = None if rng.random() < 0.7 else SEXES[int(rng.integers(2))]
         span = run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}"
         specs.append((f"{chapter.title} ({span})", tuple(run), ages, sex))
 
