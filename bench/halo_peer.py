@@ -7,7 +7,7 @@ no generators; see bench/peers_results.md), so this follows the paper's architec
 plain torch, shrunk like DESIGN's HALO probe:
 
 - a patient is a sequence of multi-hot visit vectors: a *start* visit carrying the
-  demographic labels (sex, age band of :data:`app.metrics_breakdown.STRATUM_AGE_BANDS`), the
+  demographic labels (sex, age band of :data:`app.evaluation.breakdown.STRATUM_AGE_BANDS`), the
   real visits, and an *end* visit (the end bit set);
 - the *visit level*: visit vectors embedded by a linear map plus a position embedding, then a
   causal transformer (``layers`` x ``d_model``), whose output at visit t summarises visits <= t;
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from app.corpus import SEX_IDS, Patient
-from app.metrics_breakdown import STRATUM_AGE_BANDS
+from app.evaluation.breakdown import STRATUM_AGE_BANDS
 
 __all__ = ["Halo", "HaloData", "generate_halo", "train_halo"]
 

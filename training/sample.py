@@ -83,7 +83,7 @@ def sample_patients(model: HierBart, vocab: Vocabulary, demographics: list[tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    from app.metrics import evaluate_cohort
+    from app.evaluation.cohort import evaluate_cohort
     from training.loaders import load_corpus
     from training.splits import split_patients
 

@@ -25,7 +25,7 @@ Utility, TSTR (:func:`choose_utility_task`, :func:`tstr_auroc`)
     constant: AUROC 0.5.
 
 Attribute inference (:func:`attribute_inference_f1`)
-    The attacker knows a training patient's age band (:data:`app.metrics_breakdown.
+    The attacker knows a training patient's age band (:data:`app.evaluation.breakdown.
     STRATUM_AGE_BANDS`), sex and codes outside a sensitive group (default: ICD-9-CM chapter
     290-319, mental disorders), and predicts whether the patient carries a code of that group:
     the answer is the sensitive label of the released patient nearest by Jaccard similarity
@@ -44,10 +44,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.corpus import AGE_CAP, Patient
+from app.evaluation.breakdown import stratum_of
+from app.evaluation.counting import CodeIndex
 from app.icd9.codes import InvalidCodeError, category_of
 from app.icd9.hierarchy import chapter_of
-from app.metrics import CodeIndex
-from app.metrics_breakdown import stratum_of
 from app.similarity import CodeSetIndex
 
 __all__ = [
