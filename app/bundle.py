@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.cooccurrence import load_cooccurrence
-from app.corpus import Patient
+from app.corpus import SEXES, Patient
 from app.dating import interval_stats
 from app.vocab import Vocabulary
 
@@ -215,6 +215,6 @@ def reference_stats(patients: list[Patient], vocab: Vocabulary) -> dict[str, Any
         "age_years": _histogram(int(min(a, 90)) for a in ages),
         "age_mean": float(ages.mean()) if ages.size else 0.0,
         "age_std": float(ages.std()) if ages.size else 0.0,
-        "sex": {s: sum(1 for p in patients if p.sex == s) for s in ("F", "M")},
+        "sex": {s: sum(1 for p in patients if p.sex == s) for s in SEXES},
         "visit_intervals": interval_stats(patients),
     }

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
 __all__ = [
     "AGE_CAP",
+    "SEXES",
+    "SEX_IDS",
     "Corpus",
     "CorpusStats",
     "DropLog",
     "LengthStats",
     "Patient",
+    "Sex",
     "corpus_stats",
     "describe_row",
     "length_stats",
@@ -30,7 +34,11 @@ __all__ = [
 ]
 
 AGE_CAP = 90.0
-SEXES = ("F", "M")
+Sex = Literal["F", "M"]  # a patient's sex (the HTTP schemas' too)
+SEXES: tuple[str, ...] = get_args(Sex)
+# The sex encoding every model input uses (model, training batches, decoding masks, the
+# retrieval index): the position in SEXES, 0 = F, 1 = M.
+SEX_IDS: dict[str, int] = {sex: i for i, sex in enumerate(SEXES)}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from app.bundle import read_manifest
 from app.decoding.engine import Engine
-from app.metrics import bigram_r2, code_jsd, ks_visits_per_patient, real_floor_sample, unigram_r2
+from app.evaluation import bigram_r2, code_jsd, ks_visits_per_patient, real_floor_sample, unigram_r2
 from training.evaluate import derive_seed, protocol_demographics
 from training.loaders import load_corpus
 from training.splits import split_patients

@@ -7,7 +7,7 @@ no generators; see bench/peers_results.md), so this follows the paper's architec
 plain torch, shrunk like DESIGN's HALO probe:
 
 - a patient is a sequence of multi-hot visit vectors: a *start* visit carrying the
-  demographic labels (sex, age band of :data:`app.metrics_breakdown.STRATUM_AGE_BANDS`), the
+  demographic labels (sex, age band of :data:`app.evaluation.breakdown.STRATUM_AGE_BANDS`), the
   real visits, and an *end* visit (the end bit set);
 - the *visit level*: visit vectors embedded by a linear map plus a position embedding, then a
   causal transformer (``layers`` x ``d_model``), whose output at visit t summarises visits <= t;
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.corpus import Patient
-from app.metrics_breakdown import STRATUM_AGE_BANDS
+from app.corpus import SEX_IDS, Patient
+from app.evaluation.breakdown import STRATUM_AGE_BANDS
 
 __all__ = ["Halo", "HaloData", "generate_halo", "train_halo"]
 
@@ -56,7 +56,7 @@ class HaloData:
     def labels(self, age: float, sex: str) -> list[int]:
         band = next((i for i, (lo, hi) in enumerate(STRATUM_AGE_BANDS) if lo <= age < hi),
                     len(STRATUM_AGE_BANDS) - 1)
-        return [self.n_out + (0 if sex == "F" else 1), self.n_out + 2 + band]
+        return [self.n_out + SEX_IDS[sex], self.n_out + 2 + band]
 
     def encode(self, patients: Sequence[Patient], max_visits: int) -> torch.Tensor:
         """patients x (visits + 2) x bits: start visit, visits, end visit, zero padding."""

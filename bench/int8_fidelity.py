@@ -33,7 +33,7 @@ def main() -> None:
     from app.bundle import load_bundle
     from app.decoding import Engine
     from app.decoding.onnx_model import GRAPHS, INT8_GRAPHS
-    from app.metrics import bigram_r2, code_jsd, unigram_r2
+    from app.evaluation.fidelity import bigram_r2, code_jsd, unigram_r2
     from training.simulate import simulate_corpus
     from training.splits import split_patients
 

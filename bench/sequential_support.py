@@ -1,5 +1,5 @@
 """The sequential R2's support threshold on UCI: the real floor and the independent-marginals
-baseline scored at several ``min_support`` values (app/metrics_breakdown.py explains the
+baseline scored at several ``min_support`` values (app/evaluation/breakdown.py explains the
 default).
 
     .venv/bin/python bench/sequential_support.py [--seed 1] [--supports 10,30,50,100]
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app.metrics import independent_marginals_sampler, real_floor_sample
-from app.metrics_breakdown import sequential_r2
+from app.evaluation.breakdown import sequential_r2
+from app.evaluation.protocol import independent_marginals_sampler, real_floor_sample
 from training.evaluate import load_split
 
 DATA = ROOT.parent / "shared" / "data" / "uci-diabetes-130"

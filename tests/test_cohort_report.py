@@ -24,7 +24,7 @@ from test_service_support import (
     wait_until_ready,
 )
 
-from app.metrics import jsd_from_counts
+from app.evaluation import jsd_from_counts
 from app.service.api import create_app
 from app.service.cohort_report import compare, render_html, tally
 from app.service.store import EmbeddedStore

@@ -1,4 +1,4 @@
-"""The protocol's metrics on small hand-computed cases (app/metrics.py)."""
+"""The protocol's metrics on small hand-computed cases (app/evaluation/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from app.corpus import Patient
-from app.metrics import (
+from app.evaluation import (
     PROTOCOL_TARGETS,
     CodeIndex,
     bigram_r2,

@@ -1,5 +1,5 @@
-"""The newer protocol metrics on hand-computed cases (app/metrics_breakdown.py,
-app/metrics_learned.py, app/metrics_extended.py) and the reference-relative targets."""
+"""The newer protocol metrics on hand-computed cases (app/evaluation/breakdown.py,
+learned.py, extended.py) and the reference-relative targets."""
 
 from __future__ import annotations
 
@@ -9,31 +9,26 @@ import numpy as np
 import pytest
 
 from app.corpus import Patient
-from app.metrics import (
+from app.evaluation import (
     RELATIVE_TARGETS,
     UCI_TARGETS,
+    ExtendedReference,
     Target,
+    add_gap_shares,
     check_targets,
+    extended_metrics,
     gap_closed,
     jsd_from_counts,
-)
-from app.metrics_breakdown import (
     long_tail_metrics,
     sequential_r2,
     stratum_label,
     stratum_metrics,
     tail_codes,
 )
-from app.metrics_extended import ExtendedReference, add_gap_shares, extended_metrics
 
 pytest.importorskip("sklearn")
 
-from app.metrics_learned import (
-    attribute_inference_f1,
-    choose_utility_task,
-    detection_auc,
-    tstr_auroc,
-)
+from app.evaluation import attribute_inference_f1, choose_utility_task, detection_auc, tstr_auroc
 
 
 def P(pid: str, *visits: tuple[str, ...], age: float = 60.0, sex: str = "F") -> Patient:

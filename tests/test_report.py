@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from app.corpus import Patient
+from app.evaluation import independent_marginals_sampler
 from app.icd9.edits import load_edits
-from app.metrics import independent_marginals_sampler
 from training.evaluate import (
     BASELINE,
     FLOOR,

@@ -10,7 +10,7 @@ import pytest
 from app.corpus import Patient
 from app.decoding import Engine, RandomStepModel
 from app.decoding.calibration import StopCalibration, hazards
-from app.metrics import ks_visits_per_patient
+from app.evaluation import ks_visits_per_patient
 from app.vocab import Vocabulary
 from training.calibrate import fit_stop_calibration
 from training.schedule import GROW_UNTIL, BudgetSchedule, plan_epochs, warmup_for

@@ -21,7 +21,7 @@ import numpy as np
 from app.corpus import Patient
 from app.decoding.calibration import StopCalibration, hazards
 from app.decoding.engine import Engine, length_limits
-from app.metrics import ks_visits_per_patient
+from app.evaluation.structure import ks_visits_per_patient
 
 __all__ = ["calibrate_bundle", "fit_stop_calibration", "length_histograms"]
 

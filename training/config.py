@@ -1,11 +1,12 @@
 """Typed, JSON-serialisable configuration of the model, the training objective and the trainer.
 
-This module is also the one place that fixes the **demographics conventions** every producer
-and consumer of model inputs uses (:data:`AGE_SCALE`, :data:`SEX_IDS`, :func:`demographics`):
+This module also states the **demographics conventions** every producer and consumer of model
+inputs uses (:data:`AGE_SCALE`, :data:`SEX_IDS`, :func:`demographics`):
 
 * ``age`` is a float tensor of years (at the first visit, capped at 90); the model normalises it
   internally as ``age / AGE_SCALE``.
-* ``sex`` is an int64 tensor, ``0 = F``, ``1 = M`` (:data:`SEX_IDS`).
+* ``sex`` is an int64 tensor, ``0 = F``, ``1 = M`` (:data:`SEX_IDS`, defined once in
+  :mod:`app.corpus` with the patient type, for the serving side's masks and index too).
 
 Further demographic features (categorical or numeric) are declared in
 :attr:`ModelConfig.extra_features` and passed to the model as keyword tensors.
@@ -16,9 +17,12 @@ Pure Python (no torch import), so the serving side can read a bundle's ``config.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from app.corpus import SEX_IDS, SEXES
 
 __all__ = [
     "AGE_SCALE",
@@ -34,10 +38,8 @@ __all__ = [
     "model_config_for",
 ]
 
-# -- demographics conventions (the one place) -------------------------------------------------
+# -- demographics conventions -------------------------------------------------------------------
 AGE_SCALE = 90.0  # model input: age / AGE_SCALE
-SEXES = ("F", "M")
-SEX_IDS = {"F": 0, "M": 1}
 
 
 def demographics(age: float, sex: str) -> tuple[float, int]:
@@ -47,8 +49,26 @@ def demographics(age: float, sex: str) -> tuple[float, int]:
     return float(age), SEX_IDS[sex]
 
 
-@dataclass
-class FeatureSpec:
+class _Json(BaseModel):
+    """Base of the run configs: pydantic fields, a plain-dict round trip, unknown keys refused.
+
+    Assignment is not validated: the model fills in its vocabulary sizes in place.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        unknown = set(data) - set(cls.model_fields)
+        if unknown:  # named here, shorter than pydantic's "extra inputs" error
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls.model_validate(data)
+
+
+class FeatureSpec(_Json):
     """One extra conditioning feature: ``numeric`` (scaled by ``scale``) or ``categorical``."""
 
     name: str
@@ -56,27 +76,20 @@ class FeatureSpec:
     n_values: int = 2  # categorical only
     scale: float = 1.0  # numeric only: the model sees value / scale
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("numeric", "categorical"):
-            raise ValueError(f"feature {self.name!r}: kind must be numeric or categorical")
+    def __init__(self, name: str, kind: str = "categorical", n_values: int = 2,
+                 scale: float = 1.0) -> None:
+        # positional arguments, as callers write them: FeatureSpec("race", n_values=5)
+        super().__init__(name=name, kind=kind, n_values=n_values, scale=scale)
 
-
-class _Json:
-    """Mixin: dict/JSON round trip that ignores unknown keys only where told to."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
+    @field_validator("kind")
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+    def _known_kind(cls, kind: str, info: ValidationInfo) -> str:
+        if kind not in ("numeric", "categorical"):
+            name = info.data.get("name")
+            raise ValueError(f"feature {name!r}: kind must be numeric or categorical")
+        return kind
 
 
-@dataclass
 class ModelConfig(_Json):
     """Architecture. Vocabulary sizes are filled in from :class:`app.vocab.Vocabulary`."""
 
@@ -97,15 +110,8 @@ class ModelConfig(_Json):
     max_positions: int = 256  # patient tokens (prompts excluded)
     n_prompts_per_feature: int = 1  # learned prompt vectors per demographic feature
     prompt_hidden: int = 128  # PromptEHR's reparametrisation MLP width
-    extra_features: list[FeatureSpec] = field(default_factory=list)
+    extra_features: list[FeatureSpec] = Field(default_factory=list)
     aux_heads: bool = True  # age regression + sex classification heads (used if weights > 0)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        data = dict(data)
-        data["extra_features"] = [f if isinstance(f, FeatureSpec) else FeatureSpec(**f)
-                                  for f in data.get("extra_features", [])]
-        return super().from_dict(data)
 
     @property
     def n_features(self) -> int:
@@ -117,7 +123,6 @@ class ModelConfig(_Json):
         return self.n_features * self.n_prompts_per_feature
 
 
-@dataclass
 class ObjectiveConfig(_Json):
     """Encoder corruption and loss weights (see :mod:`training.objective`)."""
 
@@ -140,7 +145,6 @@ class ObjectiveConfig(_Json):
     code_order: str = "shuffle"
 
 
-@dataclass
 class TrainConfig(_Json):
     epochs: int = 30  # the most epochs; a time budget plans fewer (training.schedule)
     batch_size: int = 128
@@ -197,11 +201,10 @@ class TrainConfig(_Json):
     dp_max_noise_multiplier: float = 20.0  # above this the model would learn nothing useful
 
 
-@dataclass
 class RunConfig(_Json):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from app.corpus import Patient
+from app.corpus import SEX_IDS, Patient
 from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Vocabulary
-from training.config import SEX_IDS, ObjectiveConfig
+from training.config import ObjectiveConfig
 
 __all__ = [
     "CODE_ORDERS",

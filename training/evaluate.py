@@ -3,12 +3,12 @@
 One run: generate as many patients as the test split has, conditioned one-to-one on the test
 patients' (age, sex), once per decoding strategy; add the two references drawn in the same run
 (``floor``: an equal-sized sample of real training patients; ``baseline``: the
-independent-marginals sampler); score every cohort with :func:`app.metrics.evaluate_cohort`
-against one shared :class:`app.metrics.Reference`, plus the newer metrics
-(:func:`app.metrics_extended.extended_metrics`: sequential, long tail, strata, detection, TSTR,
+independent-marginals sampler); score every cohort with :func:`app.evaluation.evaluate_cohort`
+against one shared :class:`app.evaluation.Reference`, plus the newer metrics
+(:func:`app.evaluation.extended_metrics`: sequential, long tail, strata, detection, TSTR,
 attribute inference) and, when asked, the Anonymeter audit
 (:mod:`training.anonymeter_audit`); judge them with a target profile of
-:data:`app.metrics.TARGET_PROFILES`; write and print the report.
+:data:`app.evaluation.TARGET_PROFILES`; write and print the report.
 
 The generation engine is plugged in as a callable, so this module does not depend on it::
 
@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from app.corpus import Patient
-from app.metrics import (
+from app.evaluation.cohort import Reference, evaluate_cohort
+from app.evaluation.extended import ExtendedReference, add_gap_shares, extended_metrics
+from app.evaluation.protocol import (
     TARGET_PROFILES,
-    Reference,
-    evaluate_cohort,
     independent_marginals_sampler,
     real_floor_sample,
 )
-from app.metrics_extended import ExtendedReference, add_gap_shares, extended_metrics
 from training.report import BASELINE, FLOOR, print_table, write_report
 
 if TYPE_CHECKING:
@@ -210,11 +209,11 @@ def evaluate_cohorts(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pa
                      anonymeter: bool = False, anonymeter_python: str | Path | None = None,
                      anonymeter_attacks: int = 2000, details: dict | None = None
                      ) -> dict[str, dict[str, float]]:
-    """Score every cohort against one :class:`app.metrics.Reference`. A ``<s> (model alone)``
+    """Score every cohort against one :class:`app.evaluation.Reference`. A ``<s> (model alone)``
     cohort is folded into row ``s`` as ``validity_model_alone``; the floor and baseline, which
     have no mask, report their validity there too.
 
-    ``extended`` adds the newer metrics (:func:`app.metrics_extended.extended_metrics`;
+    ``extended`` adds the newer metrics (:func:`app.evaluation.extended_metrics`;
     ``learned=False`` leaves out the scikit-learn ones) and each R2's share of the
     baseline-to-floor gap; ``anonymeter`` adds the Anonymeter risks
     (:func:`training.anonymeter_audit.run_audit`). What is not a number per row (strata, the
@@ -294,7 +293,7 @@ def run_protocol(test: Sequence[Patient], train: Sequence[Patient], *,
     ``report.html`` and ``report.md``. ``meta`` names the source (``source``; a
     ``source_citation`` is filled in for known sources) and whatever the caller wants
     recorded (bundle, split sizes, ...). ``targets`` names a profile of
-    :data:`app.metrics.TARGET_PROFILES` (``relative``: judged against the run's floor and
+    :data:`app.evaluation.TARGET_PROFILES` (``relative``: judged against the run's floor and
     baseline; ``uci``: UCI's absolute numbers). The other flags go to
     :func:`evaluate_cohorts`."""
     from rich.console import Console

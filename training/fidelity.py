@@ -4,7 +4,7 @@ Checkpoint selection and early stopping judge a model by what the product is jud
 cohort conditioned on (a fixed subsample of) the **validation** split's demographics, decoded by
 :class:`app.decoding.engine.Engine` over the torch model (:class:`training.torch_step.
 TorchStepModel`, the same loop the ONNX graphs run under), and scored against those validation
-patients with the protocol's own metrics (:mod:`app.metrics`). The test split is never used.
+patients with the protocol's own metrics (:mod:`app.evaluation`). The test split is never used.
 
 ``score = (bigram R2 + unigram R2) / 2 - 0.5 * KS(visits per patient)``: higher is better,
 measured after one step of the stop calibration (the bundle is calibrated after training).
@@ -21,7 +21,8 @@ import numpy as np
 from app.corpus import Patient
 from app.decoding.calibration import StopCalibration
 from app.decoding.engine import Engine
-from app.metrics import bigram_r2, ks_codes_per_visit, ks_visits_per_patient, unigram_r2
+from app.evaluation.fidelity import bigram_r2, unigram_r2
+from app.evaluation.structure import ks_codes_per_visit, ks_visits_per_patient
 from app.vocab import Vocabulary
 
 __all__ = ["cycled_demographics", "fidelity_score", "sample_engine", "validation_fidelity", "validation_subsample"]

@@ -2,7 +2,7 @@
 README table) and the terminal table.
 
 Rows are cohorts (each decoding strategy, then the ``floor`` and ``baseline`` references of the
-same run), values are :func:`app.metrics.evaluate_cohort` dicts. The HTML carries its plots as
+same run), values are :func:`app.evaluation.evaluate_cohort` dicts. The HTML carries its plots as
 inline base64 PNG (matplotlib, Agg backend) and its CSS inline: no external file, script or
 font, so it opens on a machine with no network.
 """
@@ -21,18 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.corpus import AGE_BINS, Patient
+from app.corpus import AGE_BINS, SEXES, Patient
+from app.evaluation.counting import code_counts
+from app.evaluation.fidelity import aligned_prevalence, jsd_from_counts, r2_score
+from app.evaluation.protocol import RELATIVE_TARGETS, Target, check_targets
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import CHAPTERS, chapter_of
-from app.metrics import (
-    RELATIVE_TARGETS,
-    Target,
-    aligned_prevalence,
-    check_targets,
-    code_counts,
-    jsd_from_counts,
-    r2_score,
-)
 
 __all__ = [
     "BASELINE",
@@ -504,7 +498,7 @@ def age_sex_breakdown(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[P
     ``min_patients`` on both sides)."""
     real = _groups(test)
     grouped = {name: _groups(patients) for name, patients in cohorts.items()}
-    keys = [(b, s) for b in range(len(AGE_BINS)) for s in ("F", "M")
+    keys = [(b, s) for b in range(len(AGE_BINS)) for s in SEXES
             if real.get((b, s)) or any(g.get((b, s)) for g in grouped.values())]
     labels = [f"{_age_label(*AGE_BINS[b])} {s}" for b, s in keys]
     out = {"groups": labels, "patients": {"real test": [len(real.get(k, [])) for k in keys]},
@@ -562,7 +556,7 @@ def plot_sequential(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pat
                     min_support: int = 50) -> str:
     """Real vs cohort P(code b in visit t+1 | code a in visit t) for the conditioning codes
     with enough real support (the sequential R2's points), one panel per cohort."""
-    from app.metrics_breakdown import conditional_probabilities
+    from app.evaluation.breakdown import conditional_probabilities
 
     plt = _pyplot()
     names = list(cohorts)
@@ -835,7 +829,7 @@ def render_html(rows: Mapping[str, Mapping[str, float]], cohorts: Mapping[str, S
         "target, red ones miss it (shown for the references too, for context; the floor is "
         "made of training patients, so its exact-copy rate is 100% and its DCR 0 by "
         "construction). Hover a "
-         "metric for its definition; exact definitions are in <code>app/metrics.py</code>."
+         "metric for its definition; exact definitions are in <code>app/evaluation/</code>."
          "</p>"),
         "<h2>Metrics</h2>", _metrics_table_html(rows, targets),
     ]

@@ -62,8 +62,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from app.corpus import AGE_CAP, Corpus, Patient
+from app.corpus import AGE_CAP, SEXES, Corpus, Patient
 from app.icd9.codes import category_of
 from app.icd9.edits import load_edits
 from app.icd9.hierarchy import CHAPTERS, chapter_of, load_hierarchy
@@ -80,9 +81,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
+class SimulationConfig(BaseModel):
     """Parameters of the generative process (see the module docstring for how each is used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str  # preset name; the corpus source is "simulated:<name>"
     n_patients: int  # number of patients
@@ -108,7 +110,8 @@ class SimulationConfig:
     adult_age_sd: float  # adults: normal standard deviation, years
     male_share: float  # share of male patients
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulationConfig:
         if self.n_patients < 1 or self.n_clusters < 1 or self.background_size < 1:
             raise ValueError("n_patients, n_clusters and background_size must be positive")
         if self.mean_codes_per_visit < 1 or self.mean_visits_per_patient < 1:
@@ -118,6 +121,7 @@ class SimulationConfig:
             raise ValueError("clusters_per_patient must be three probabilities summing to 1")
         if not 0 <= self.newborn_share + self.child_share <= 1:
             raise ValueError("newborn_share + child_share must lie in [0, 1]")
+        return self
 
 
 PRESETS: dict[str, SimulationConfig] = {
@@ -184,7 +188,7 @@ class SimulatedCorpus:
         payload = {
             "source": self.corpus.source,
             "seed": self.seed,
-            "config": asdict(self.config),
+            "config": self.config.model_dump(),
             "clusters": [c.to_dict() for c in self.clusters],
         }
         return json.dumps(payload, indent=1)
@@ -195,8 +199,7 @@ class SimulatedCorpus:
 # Lower edges of the age bands; they include every MCE breakpoint (0, 1, 12, 15, 18, 56), so
 # whether a code passes the edits is constant within a band.
 AGE_BANDS: tuple[int, ...] = (0, 1, 12, 15, 18, 45, 56, 65, 80)
-_SEXES = ("F", "M")
-_N_GROUPS = len(AGE_BANDS) * len(_SEXES)
+_N_GROUPS = len(AGE_BANDS) * len(SEXES)
 _PERINATAL = CHAPTERS[14]
 
 
@@ -246,7 +249,7 @@ def _universe() -> _Universe:
     sex = np.array([edits.sex_edits.get(c, "") for c in codes])
     allowed = np.zeros((_N_GROUPS, len(codes)), dtype=bool)
     for b, age in enumerate(AGE_BANDS):
-        for s, sx in enumerate(_SEXES):
+        for s, sx in enumerate(SEXES):
             ok = (lo <= age) & (age <= hi) & ((sex == "") | (sex == sx))
             if age > 0:
                 ok &= chapter != _PERINATAL.index
@@ -435,7 +438,7 @@ def _build_clusters(config: SimulationConfig, uni: _Universe,
             claimed[i] = k
         chapter = CHAPTERS[chapter_of_cat[run[0]]]
         ages = _GENERATED_AGES[int(rng.choice(len(_GENERATED_AGES), p=_GENERATED_AGE_P))]
-        sex = None if rng.random() < 0.7 else _SEXES[int(rng.integers(2))]
+        sex = None if rng.random() < 0.7 else SEXES[int(rng.integers(2))]
         span = run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}"
         specs.append((f"{chapter.title} ({span})", tuple(run), ages, sex))
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from app.corpus import AGE_CAP, Patient
+from app.corpus import AGE_CAP, SEX_IDS, Patient
 from app.decoding.calibration import CALIBRATION_FILE, StopCalibration
 from app.decoding.errors import (
     ImpossibleConstraintError,
@@ -63,7 +63,7 @@ from app.decoding.grammar import (
     VISIT_ID,
     Grammar,
 )
-from app.decoding.model_api import SEX_IDS, StepModel
+from app.decoding.model_api import StepModel
 from app.decoding.params import (
     CooccurrenceParams,
     PlainParams,

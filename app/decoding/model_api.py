@@ -27,9 +27,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["SEX_IDS", "RandomStepModel", "StepModel", "log_softmax"]
+from app.corpus import SEX_IDS
 
-SEX_IDS: dict[str, int] = {"F": 0, "M": 1}
+__all__ = ["SEX_IDS", "RandomStepModel", "StepModel", "log_softmax"]
 
 
 @runtime_checkable

@@ -41,6 +41,7 @@ __all__ = [
     "PlainParams",
     "RerankParams",
     "RetrieveEditParams",
+    "Strategy",
     "Work",
     "parse_params",
     "work_of",
@@ -135,6 +136,8 @@ STRATEGIES: dict[str, type[PlainParams]] = {
     "rerank": RerankParams,
     "retrieve_edit": RetrieveEditParams,
 }
+# The names above as a type: request schemas (their OpenAPI enum) take it from here.
+Strategy = Literal[tuple(STRATEGIES)]  # Literal[("a", "b")] is Literal["a", "b"]
 
 
 class Work(NamedTuple):

@@ -5,8 +5,8 @@ the vocabulary dropped), sorted by (sex, age) for nearest-age lookup, a set of e
 signatures (visits in order, codes sorted inside each) and a sparse patients x codes incidence
 matrix. The guard always rejects a candidate that equals a training patient visit for visit
 (its own retrieved source included), and, where ``min_distance`` > 0, one whose code set lies
-within that Jaccard distance of any training patient's; the nearest distance comes from one
-sparse product (only training patients sharing a code are touched).
+within that Jaccard distance of any training patient's. Both tests are the privacy metrics' own
+(:mod:`app.similarity`: the exact-copy key and the nearest Jaccard distance).
 
 On disk (a bundle's ``retrieval.npz``): ``sex`` int8, ``age`` float32, ``patient_ptr`` (patients
 -> visits), ``visit_ptr`` (visits -> codes) and ``codes`` (int32 code ids).
@@ -20,17 +20,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from app.corpus import Patient
+from app.corpus import SEX_IDS, Patient
+from app.similarity import CodeSetIndex, visits_key
 from app.vocab import Vocabulary
 
 __all__ = ["RetrievalIndex"]
-
-_SEX = {"F": 0, "M": 1}
-
-
-def _signature(visits: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(sorted(int(c) for c in v)) for v in visits)
-
 
 class RetrievalIndex:
     def __init__(self, sex: np.ndarray, age: np.ndarray, patient_ptr: np.ndarray,
@@ -46,7 +40,7 @@ class RetrievalIndex:
         self._by_sex = {s: np.flatnonzero(self.sex == s) for s in (0, 1)}
         for s, rows in self._by_sex.items():
             self._by_sex[s] = rows[np.argsort(self.age[rows], kind="stable")]
-        self.signatures = {_signature(self.visits(i)) for i in range(len(self))}
+        self.signatures = {visits_key(self.visits(i)) for i in range(len(self))}
         # Patients x codes incidence (code sets over all visits).
         rows, cols = [], []
         for i in range(len(self)):
@@ -58,8 +52,7 @@ class RetrievalIndex:
         c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
         self.incidence = sp.csr_matrix((np.ones(r.size, dtype=np.float32), (r, c)),
                                        shape=(len(self), self.n_codes))
-        self.set_sizes = np.asarray(self.incidence.sum(axis=1), dtype=np.float64).ravel()
-        self._incidence_t = self.incidence.T.tocsr()
+        self._code_sets = CodeSetIndex(self.incidence)
 
     # -- construction and persistence ---------------------------------------------------------
     @classmethod
@@ -75,7 +68,7 @@ class RetrievalIndex:
                 visit_ptr.append(len(codes))
             if len(visit_ptr) - 1 == patient_ptr[-1]:
                 continue  # no in-vocabulary code at all
-            sex.append(_SEX[p.sex])
+            sex.append(SEX_IDS[p.sex])
             age.append(p.age)
             patient_ptr.append(len(visit_ptr) - 1)
         return cls(np.asarray(sex), np.asarray(age), np.asarray(patient_ptr),
@@ -128,21 +121,15 @@ class RetrievalIndex:
     # -- privacy guard ------------------------------------------------------------------------
     def is_copy(self, visits: Sequence[Sequence[int]]) -> bool:
         """Equal, visit for visit (codes in any order), to some training patient."""
-        return _signature(visits) in self.signatures
+        return visits_key(visits) in self.signatures
 
     def nearest_distance(self, code_sets: Sequence[Sequence[int]]) -> np.ndarray:
         """Smallest Jaccard distance from each code set to any training patient's code set."""
-        out = np.ones(len(code_sets), dtype=np.float64)
         if not code_sets or len(self) == 0:
-            return out
+            return np.ones(len(code_sets), dtype=np.float64)
         rows = np.concatenate([np.full(len(set(s)), i) for i, s in enumerate(code_sets)])
         cols = np.concatenate([np.fromiter(sorted(set(s)), dtype=np.int64, count=len(set(s)))
                                for s in code_sets])
         query = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, cols)),
                               shape=(len(code_sets), self.n_codes))
-        sizes = np.asarray(query.sum(axis=1), dtype=np.float64).ravel()
-        shared = (query @ self._incidence_t).tocoo()  # candidates x training patients
-        union = sizes[shared.row] + self.set_sizes[shared.col] - shared.data
-        dist = 1.0 - shared.data / union
-        np.minimum.at(out, shared.row, dist)
-        return out
+        return self._code_sets.distance(query)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from app.corpus import SEX_IDS
 from app.decoding.errors import ImpossibleConstraintError
 from app.decoding.validity import ValidityMask
 from app.icd9.codes import category_of
@@ -38,7 +39,6 @@ from app.vocab import Vocabulary
 
 __all__ = ["ANY_OF_TRIES", "MIN_ACCEPT", "TargetError", "Targeting"]
 
-_SEX = {"F": 0, "M": 1}
 _ANY_OF_STREAM = 0xA11F
 ANY_OF_TRIES = 8
 MIN_ACCEPT = 0.05
@@ -95,7 +95,7 @@ class Targeting:
         ids = np.asarray([self.vocab.index[c] for c in codes], dtype=np.int64)
         if not validity_mask:
             return np.ones((len(sexes), ids.size), dtype=bool)
-        sex_ids = np.asarray([_SEX[s] for s in sexes], dtype=np.int8)
+        sex_ids = np.asarray([SEX_IDS[s] for s in sexes], dtype=np.int8)
         return self.validity.mask(np.asarray(ages, dtype=float), sex_ids)[:, ids]
 
     def check(self, ages: Iterable[int], sexes: Iterable[str], must_include: Sequence[str],

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.corpus import SEX_IDS
 from app.icd9.edits import CodeEdits, load_edits
 from app.vocab import Vocabulary
 
 __all__ = ["ValidityMask"]
 
 _NO_SEX = -1
-_SEX = {"F": 0, "M": 1}
 
 
 class ValidityMask:
@@ -41,7 +41,7 @@ class ValidityMask:
                 self.min_age[token_id], self.max_age[token_id] = span
             required = self.edits.sex_edits.get(code)
             if required is not None:
-                self.sex[token_id] = _SEX[required]
+                self.sex[token_id] = SEX_IDS[required]
 
     def mask(self, age: np.ndarray, sex: np.ndarray) -> np.ndarray:
         """Bool ``[B, V]``: token allowed for each patient (``sex`` as 0 = F, 1 = M)."""

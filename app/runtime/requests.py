@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from app.corpus import Sex
 from app.decoding.errors import GenerationError
-from app.decoding.params import STRATEGIES, PlainParams, parse_params
+from app.decoding.params import STRATEGIES, PlainParams, Strategy, parse_params
 from app.icd9.codes import InvalidCodeError, normalize_code
 from app.icd9.hierarchy import load_hierarchy
 
@@ -43,8 +44,6 @@ __all__ = [
     "cms_codes",
 ]
 
-Sex = Literal["F", "M"]
-Strategy = Literal["plain", "cooccurrence", "rerank", "retrieve_edit"]
 MAX_SEED = 2**63 - 1
 MAX_MUST_INCLUDE = 16
 MAX_TARGETS = 256  # any_of / exclude entries (each may be a whole category)

@@ -7,7 +7,7 @@ Compared, cohort vs training split:
 
 - code frequencies: base-2 JSD of the code frequency distributions (visits containing each
   code) and the R2 of per-visit code prevalence, training split as the reference, over the
-  union of codes (as :mod:`app.metrics` defines them);
+  union of codes (as :mod:`app.evaluation.fidelity` defines them);
 - ICD-9-CM chapter shares of code occurrences;
 - visits per patient and codes per visit (shares, and the KS statistic between the two
   histograms);
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from app.corpus import AGE_BINS
+from app.evaluation.fidelity import jsd_from_counts, r2_score
 from app.icd9.codes import InvalidCodeError
 from app.icd9.hierarchy import CHAPTERS, chapter_of
-from app.metrics import jsd_from_counts, r2_score
 from app.service import svg
 
 __all__ = ["TOP_PAIRS", "CohortTally", "compare", "render_html", "tally"]

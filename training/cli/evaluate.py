@@ -147,7 +147,7 @@ def evaluate_command(
 
     names = _eval_strategies(strategies)
     strategy_params = _eval_params(params, names)
-    from app.metrics import TARGET_PROFILES
+    from app.evaluation.protocol import TARGET_PROFILES
 
     if targets not in TARGET_PROFILES:
         raise fail(f"unknown target profile {targets!r}: choose from "

@@ -1,7 +1,8 @@
 """The protocol's newer metrics for one cohort, against references built once per run:
-sequential fidelity, long tail and strata (:mod:`app.metrics_breakdown`), detection, TSTR and
-attribute inference (:mod:`app.metrics_learned`, scikit-learn). :func:`app.metrics.
-evaluate_cohort` keeps the original metrics; the evaluation driver merges both into one row.
+sequential fidelity, long tail and strata (:mod:`app.evaluation.breakdown`), detection, TSTR
+and attribute inference (:mod:`app.evaluation.learned`, scikit-learn).
+:func:`app.evaluation.cohort.evaluate_cohort` keeps the original metrics; the evaluation driver
+merges both into one row.
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.corpus import Patient
-from app.metrics import gap_closed
-from app.metrics_breakdown import long_tail_metrics, sequential_r2, stratum_metrics, tail_codes
+from app.evaluation.breakdown import (
+    long_tail_metrics,
+    sequential_r2,
+    stratum_metrics,
+    tail_codes,
+)
+from app.evaluation.protocol import gap_closed
 
 __all__ = ["GAP_METRICS", "ExtendedReference", "add_gap_shares", "extended_metrics"]
 
@@ -50,7 +56,11 @@ class ExtendedReference:
                   min_support=min_support)
         if not learned or not test or not train:
             return ref
-        from app.metrics_learned import attribute_inference_f1, choose_utility_task, tstr_auroc
+        from app.evaluation.learned import (
+            attribute_inference_f1,
+            choose_utility_task,
+            tstr_auroc,
+        )
 
         ref.utility_category, ref.utility_share = choose_utility_task(train)
         rng = np.random.default_rng([seed, _TSTR_STREAM])
@@ -83,7 +93,7 @@ def extended_metrics(cohort: Sequence[Patient], ref: ExtendedReference
                     "tstr_auroc_real": ref.tstr_auroc_real, "attr_inference_f1": nan,
                     "attr_inference_f1_holdout": ref.attr_inference_f1_holdout})
     if ref.learned and cohort:
-        from app.metrics_learned import attribute_inference_f1, detection_auc, tstr_auroc
+        from app.evaluation.learned import attribute_inference_f1, detection_auc, tstr_auroc
 
         numbers["detection_auc"] = detection_auc(ref.test, cohort, ref.seed)
         if ref.utility_category is not None:
@@ -95,7 +105,7 @@ def extended_metrics(cohort: Sequence[Patient], ref: ExtendedReference
 
 def add_gap_shares(rows: dict[str, dict[str, float]], floor: str = "floor",
                    baseline: str = "baseline") -> None:
-    """Add ``<metric>_gap_closed`` (:func:`app.metrics.gap_closed`) to every row, for each of
+    """Add ``<metric>_gap_closed`` (:func:`app.evaluation.protocol.gap_closed`) to every row, for each of
     :data:`GAP_METRICS`, in place; nothing without both reference rows."""
     if floor not in rows or baseline not in rows:
         return

@@ -1,7 +1,7 @@
 """Protocol metrics that break fidelity down: across visits, into the long tail, and by
 demographic stratum (DESIGN.md, "Evaluation protocol"). numpy/scipy only, like
-:mod:`app.metrics`, whose counting conventions (a visit is a set of codes; real is the
-reference of every R2) they share. Definitions, exactly:
+:mod:`app.evaluation.fidelity`, whose counting conventions (a visit is a set of codes; real is
+the reference of every R2) they share. Definitions, exactly:
 
 Sequential R2 (:func:`sequential_r2`)
     A *transition* is a pair of consecutive visits (t, t+1) of one patient. For codes a, b:
@@ -20,7 +20,7 @@ Sequential R2 (:func:`sequential_r2`)
 Long tail (:func:`long_tail_metrics`)
     The tail is the set of codes whose training frequency (visits containing the code, training
     split) is *strictly below the median* training frequency over the training split's distinct
-    codes. Tail JSD is :func:`app.metrics.jsd_from_counts` of the real and synthetic frequencies
+    codes. Tail JSD is :func:`app.evaluation.fidelity.jsd_from_counts` of the real and synthetic frequencies
     of tail codes only (renormalised within the tail); tail unigram R2 is the per-visit
     prevalence R2 (denominators: all visits of each cohort) over the tail codes seen on either
     side; ``tail_distinct_codes`` counts tail codes the cohort contains. ``distinct_codes_test``
@@ -43,15 +43,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.corpus import Patient
-from app.metrics import (
-    CodeIndex,
-    _widen,
-    code_counts,
-    jsd_from_counts,
-    r2_score,
-    sparse_r2,
-    visit_matrix,
-)
+from app.evaluation.counting import CodeIndex, code_counts, visit_matrix, widen
+from app.evaluation.fidelity import jsd_from_counts, r2_score, sparse_r2
 
 __all__ = [
     "STRATUM_AGE_BANDS",
@@ -86,7 +79,7 @@ def transition_counts(patients: Sequence[Patient], index: CodeIndex
     a = visit_matrix(before, index)
     b = visit_matrix(after, index)
     n = len(index)
-    a, b = _widen(a, n), _widen(b, n)
+    a, b = widen(a, n), widen(b, n)
     n_a = np.asarray(a.sum(axis=0)).ravel().astype(np.float64)
     return n_a, (a.T @ b).tocsr().astype(np.float64)
 

@@ -25,7 +25,7 @@ Utility, TSTR (:func:`choose_utility_task`, :func:`tstr_auroc`)
     constant: AUROC 0.5.
 
 Attribute inference (:func:`attribute_inference_f1`)
-    The attacker knows a training patient's age band (:data:`app.metrics_breakdown.
+    The attacker knows a training patient's age band (:data:`app.evaluation.breakdown.
     STRATUM_AGE_BANDS`), sex and codes outside a sensitive group (default: ICD-9-CM chapter
     290-319, mental disorders), and predicts whether the patient carries a code of that group:
     the answer is the sensitive label of the released patient nearest by Jaccard similarity
@@ -44,10 +44,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.corpus import AGE_CAP, Patient
+from app.evaluation.breakdown import stratum_of
+from app.evaluation.counting import CodeIndex
 from app.icd9.codes import InvalidCodeError, category_of
 from app.icd9.hierarchy import chapter_of
-from app.metrics import CodeIndex
-from app.metrics_breakdown import stratum_of
+from app.similarity import CodeSetIndex
 
 __all__ = [
     "DEFAULT_SENSITIVE_CHAPTER",
@@ -202,20 +203,6 @@ def _known_sets(patients: Sequence[Patient], index: CodeIndex,
     return matrix, np.asarray(labels, dtype=bool)
 
 
-def _nearest(queries: sp.csr_matrix, base: sp.csr_matrix, block: int = 512) -> np.ndarray:
-    """Index of the base row most Jaccard-similar to each query row (first on ties)."""
-    q_size = np.asarray(queries.sum(axis=1)).ravel()
-    b_size = np.asarray(base.sum(axis=1)).ravel()
-    out = np.zeros(queries.shape[0], dtype=np.int64)
-    for start in range(0, queries.shape[0], block):
-        stop = min(queries.shape[0], start + block)
-        inter = (queries[start:stop] @ base.T).toarray()
-        union = q_size[start:stop, None] + b_size[None, :] - inter
-        sim = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        out[start:stop] = sim.argmax(axis=1)
-    return out
-
-
 def attribute_inference_f1(released: Sequence[Patient], targets: Sequence[Patient],
                            sensitive: Callable[[str], bool] | None = None) -> float:
     """F1 (positive class) of the nearest-neighbour attribute-inference attack on ``targets``
@@ -231,5 +218,5 @@ def attribute_inference_f1(released: Sequence[Patient], targets: Sequence[Patien
     query, truth = _known_sets(targets, index, sensitive)
     n = len(index)
     base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], n))
-    guess = base_labels[_nearest(query, base)]
+    guess = base_labels[CodeSetIndex(base).nearest(query)[1]]
     return float(f1_score(truth, guess, zero_division=0.0))
