@@ -23,6 +23,7 @@ from app.decoding.calibration import StopCalibration
 from app.decoding.engine import Engine
 from app.metrics import bigram_r2, ks_codes_per_visit, ks_visits_per_patient, unigram_r2
 from app.vocab import Vocabulary
+from app.windows import WindowRule
 
 __all__ = ["cycled_demographics", "fidelity_score", "sample_engine", "validation_fidelity", "validation_subsample"]
 
@@ -36,14 +37,16 @@ def validation_subsample(patients: Sequence[Patient], n: int, seed: int) -> list
 
 
 def sample_engine(model: Any, vocab: Vocabulary, *, max_visits: int, max_codes: int,
-                  batch_size: int = 256, calibration: StopCalibration | None = None) -> Engine:
-    """The serving engine over the torch model (limits as the bundle's engine will have them)."""
+                  batch_size: int = 256, calibration: StopCalibration | None = None,
+                  windows: WindowRule | None = None) -> Engine:
+    """The serving engine over the torch model (limits, and the long-patient window rule, as
+    the bundle's engine will have them)."""
     from training.torch_step import TorchStepModel
 
     return Engine(TorchStepModel(model), vocab, max_visits=max_visits,
                   max_codes_per_visit=max_codes, max_length=model.config.max_positions,
                   max_prompt_length=model.config.max_positions, batch_size=batch_size,
-                  calibration=calibration)
+                  calibration=calibration, windows=windows)
 
 
 def fidelity_score(metrics: dict[str, float]) -> float:
