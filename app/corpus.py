@@ -201,7 +201,7 @@ def token_length(patient: Patient) -> int:
     return 2 + sum(len(v) + 2 for v in patient.visits)
 
 
-LENGTH_PERCENTILES = (50, 90, 99)
+LENGTH_PERCENTILES = (50, 90, 99, 99.9)
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,15 @@ class LengthStats:
     """How long patients are, for choosing (and checking) the model's maximum length."""
 
     max_positions: int
-    token_percentiles: dict[str, int]  # "p50", "p90", "p99", "max"
+    token_percentiles: dict[str, int]  # "p50", "p90", "p99", "p99.9", "max"
     over_limit: int  # patients longer than max_positions tokens
     visits_over_limit: int  # visits of those patients
-    visit_percentiles: dict[str, int]  # visits per patient: "p50", "p90", "p99", "max"
+    visit_percentiles: dict[str, int]  # visits per patient: "p50", "p90", "p99", "p99.9", "max"
     visit_histogram: dict[str, int]  # patients by visit count: "1", "2", "3-5", ...
+    # the windows of consecutive visits those patients are trained on (app.windows; every
+    # visit kept), and whether max_positions is the training recipe's choice
+    windows_over_limit: int = 0
+    recipe_positions: bool = False
 
 
 VISIT_BINS = ((1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, None))
@@ -227,14 +231,29 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
     return out | {"max": int(values.max())}
 
 
-def length_stats(patients: list[Patient], max_positions: int = 256) -> LengthStats:
+def length_stats(patients: list[Patient], max_positions: int | None = None) -> LengthStats:
     """Token-length percentiles (:func:`token_length`), how many patients (and their visits)
-    exceed ``max_positions``, and the visits-per-patient distribution."""
+    exceed ``max_positions`` and into how many windows the long-patient rule splits them
+    (:mod:`app.windows`), and the visits-per-patient distribution.
+
+    ``max_positions`` None: the training recipe's (:func:`app.windows.positions_for` of these
+    patients' 99.9th percentile; the recipe itself measures the training split).
+    """
+    from app.windows import positions_for, window_bounds
+
+    lengths = np.array([token_length(p) for p in patients], dtype=np.int64)
+    recipe = max_positions is None
+    if max_positions is None:
+        max_positions = positions_for(float(np.percentile(lengths, 99.9)) if lengths.size else 0)
     if max_positions < 1:
         raise ValueError(f"max_positions must be at least 1, got {max_positions}")
-    lengths = np.array([token_length(p) for p in patients], dtype=np.int64)
     n_visits = np.array([len(p.visits) for p in patients], dtype=np.int64)
     over = lengths > max_positions
+    windows = 0
+    if max_positions >= 5:
+        for i in np.flatnonzero(over):
+            sizes = [min(len(v), max_positions - 4) for v in patients[i].visits]
+            windows += len(window_bounds(sizes, max_positions))
     histogram = {}
     for low, high in VISIT_BINS:
         label = str(low) if high == low else (f"{low}+" if high is None else f"{low}-{high}")
@@ -242,4 +261,5 @@ def length_stats(patients: list[Patient], max_positions: int = 256) -> LengthSta
         histogram[label] = int(((n_visits >= low) & (n_visits <= upper)).sum())
     return LengthStats(max_positions=max_positions, token_percentiles=_percentiles(lengths),
                        over_limit=int(over.sum()), visits_over_limit=int(n_visits[over].sum()),
-                       visit_percentiles=_percentiles(n_visits), visit_histogram=histogram)
+                       visit_percentiles=_percentiles(n_visits), visit_histogram=histogram,
+                       windows_over_limit=windows, recipe_positions=recipe)

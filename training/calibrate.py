@@ -108,6 +108,7 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
 
     from app.bundle import load_bundle, read_manifest
     from app.decoding.calibration import CALIBRATION_FILE
+    from app.windows import WindowRule
     from training.bundle import add_bundle_file, write_manifest
     from training.fidelity import cycled_demographics, sample_engine, validation_subsample
     from training.model import HierBart
@@ -117,7 +118,8 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
     bundle = load_bundle(bundle_dir)
     model = HierBart.from_bundle(bundle_dir)
     max_visits, max_codes = length_limits(bundle.reference_stats or {})
-    engine = sample_engine(model, bundle.vocab, max_visits=max_visits, max_codes=max_codes)
+    engine = sample_engine(model, bundle.vocab, max_visits=max_visits, max_codes=max_codes,
+                           windows=WindowRule.from_manifest(bundle.manifest))
     real = validation_subsample(val, patients, seed + 29)
     calibration = fit_stop_calibration(engine, cycled_demographics(real, patients),
                                        train, seed=seed, log=log)

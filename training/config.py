@@ -176,6 +176,10 @@ class TrainConfig(_Json):
     # these whatever the longest patient
     max_batch_tokens: int = 16384
     eval_max_batch_tokens: int = 32768
+    # patients longer than model.max_positions: "windows" (windows of consecutive visits, every
+    # visit kept; generation rolls over windows: app.windows) or "truncate" (the earliest
+    # visits that fit; DP runs always truncate, since a patient must stay one example)
+    long_patients: str = "windows"
     # checkpoint selection and early stopping on validation: "fidelity" (training.fidelity: a
     # plain cohort on validation demographics, drawn with the engine, scored by bigram and
     # unigram R2 and the KS of visits per patient), or the demographics-only reconstruction's

@@ -2,20 +2,25 @@
 
 A patient becomes ``<s> <v> c1 c2 .. </v> <v> ... </v> </s>`` (token ids of
 :class:`app.vocab.Vocabulary`); codes are shuffled within each visit when a random generator is
-given (a visit is a set). Codes outside the vocabulary are dropped, then empty visits; a patient
-longer than ``max_len`` tokens keeps its earliest visits that fit (and still ends with ``</s>``).
+given (a visit is a set). Codes outside the vocabulary are dropped, then empty visits. A patient
+longer than ``max_len`` tokens is either split into windows of consecutive visits
+(:func:`encode_windowed`, the rule of :mod:`app.windows`: every visit is kept) or, in
+:func:`encode_patients` (DP runs, ``train.long_patients=truncate``), keeps its earliest visits
+that fit (and still ends with ``</s>``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from app.corpus import SEX_IDS, Patient
+from app.corpus import AGE_CAP, SEX_IDS, Patient
 from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Vocabulary
+from app.windows import CONTEXT_VISITS, continuation_prompt, fit_context, window_bounds
 from training.config import ObjectiveConfig
 
 __all__ = [
@@ -23,10 +28,12 @@ __all__ = [
     "TOKENS",
     "Batch",
     "EncodedPatient",
+    "WindowedEncoding",
     "code_rank",
     "collate",
     "corrupt",
     "encode_patients",
+    "encode_windowed",
     "length_batches",
     "patient_tokens",
 ]
@@ -49,13 +56,22 @@ TOKENS = _Ids(*(SPECIAL_TOKENS.index(t) for t in (PAD, BOS, EOS, VISIT, END_VISI
 
 @dataclass(frozen=True)
 class EncodedPatient:
-    age: float
+    """One training example: a whole patient, or one window of a long one (:mod:`app.windows`).
+
+    The defaults describe a whole patient, encoded as it always was; a window sets the rest.
+    """
+
+    age: float  # years: at the first visit, or at a window's first visit
     sex: int
     visits: tuple[np.ndarray, ...]  # token ids of each visit's codes
+    # a continuation window: the visits its encoder prompt shows (None: not a continuation)
+    context: tuple[np.ndarray, ...] | None = None
+    kept: int = -1  # visits the window keeps (the encoder's views show only those); -1: all
+    cut: int = 0  # a window without the real end: its target is the first ``cut`` tokens
 
     @property
     def n_tokens(self) -> int:
-        return 2 + sum(len(v) + 2 for v in self.visits)
+        return self.cut or 2 + sum(len(v) + 2 for v in self.visits)
 
 
 CODE_ORDERS = ("shuffle", "hierarchy", "frequency")
@@ -78,26 +94,111 @@ def code_rank(vocab: Vocabulary, order: str) -> np.ndarray | None:
     return rank
 
 
+def _visit_ids(patient: Patient, vocab: Vocabulary,
+               rank: np.ndarray | None) -> tuple[list[np.ndarray], list[int]]:
+    """The non-empty visits as token ids (in ``rank`` order) and their indices in the patient."""
+    visits, where = [], []
+    for i, visit in enumerate(patient.visits):
+        ids = np.array([vocab.index[c] for c in visit if c in vocab.index], dtype=np.int64)
+        if ids.size == 0:
+            continue
+        if rank is not None:
+            ids = ids[np.argsort(rank[ids], kind="stable")]
+        visits.append(ids)
+        where.append(i)
+    return visits, where
+
+
 def encode_patients(patients: Iterable[Patient], vocab: Vocabulary,
                     max_len: int, rank: np.ndarray | None = None) -> list[EncodedPatient]:
-    """Token-id visits of each patient, fitted into ``max_len`` tokens (see module docstring).
+    """Token-id visits of each patient, the earliest that fit ``max_len`` tokens (the
+    truncation rule; :func:`encode_windowed` keeps every visit).
 
     With ``rank`` (:func:`code_rank`) the codes of each visit are stored in that order.
     """
     out = []
     for p in patients:
         visits, length = [], 2
-        for visit in p.visits:
-            ids = np.array([vocab.index[c] for c in visit if c in vocab.index], dtype=np.int64)
-            if ids.size == 0:
-                continue
-            if rank is not None:
-                ids = ids[np.argsort(rank[ids], kind="stable")]
+        for ids in _visit_ids(p, vocab, rank)[0]:
             if length + ids.size + 2 > max_len:
                 break
             visits.append(ids)
             length += ids.size + 2
         out.append(EncodedPatient(float(p.age), SEX_IDS[p.sex], tuple(visits)))
+    return out
+
+
+@dataclass
+class WindowedEncoding:
+    """The examples of :func:`encode_windowed` and what the window rule did."""
+
+    examples: list[EncodedPatient]
+    counts: dict[str, int] = field(default_factory=dict)
+    # continuation windows of patients with visit times: summed (age at the window - age at
+    # the first visit) in years, and summed visits before those windows
+    shift_years: float = 0.0
+    shift_visits: int = 0
+
+    @property
+    def years_per_visit(self) -> float:
+        """Mean years a patient ages per visit, over the continuation windows with times."""
+        return self.shift_years / self.shift_visits if self.shift_visits else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.counts, "years_per_visit": self.years_per_visit}
+
+
+def _window_age(patient: Patient, first_visit: int) -> float:
+    """Age at a visit: the first visit's age plus the elapsed time where the source has it."""
+    if patient.visit_times is None or first_visit == 0:
+        return float(patient.age)
+    days = patient.visit_times[first_visit][0]
+    return float(min(AGE_CAP, patient.age + days / 365.25))
+
+
+def encode_windowed(patients: Iterable[Patient], vocab: Vocabulary, max_len: int,
+                    rank: np.ndarray | None = None, context_visits: int = CONTEXT_VISITS,
+                    context_tokens: int = 0) -> WindowedEncoding:
+    """Every patient as examples of at most ``max_len`` tokens, keeping every visit.
+
+    A patient that fits is one example, exactly as :func:`encode_patients` encodes it; a longer
+    one becomes the windows of :func:`app.windows.window_bounds` (continuation windows carry
+    their encoder context and the age at their first visit; see :mod:`app.windows`).
+    ``context_tokens`` 0: ``max_len // 2`` (as :class:`app.windows.WindowRule`).
+    """
+    context_tokens = context_tokens or max(8, max_len // 2)
+    out = WindowedEncoding([])
+    n = {"patients": 0, "patients_windowed": 0, "windows": 0, "continuation_windows": 0,
+         "visits": 0, "visits_kept": 0, "codes_cut": 0}
+    for p in patients:
+        visits, where = _visit_ids(p, vocab, rank)
+        n["patients"] += 1
+        n["visits"] += len(visits)
+        age, sex = float(p.age), SEX_IDS[p.sex]
+        if 2 + sum(v.size + 2 for v in visits) <= max_len:
+            out.examples.append(EncodedPatient(age, sex, tuple(visits)))
+            n["windows"] += 1
+            n["visits_kept"] += len(visits)
+            continue
+        n["patients_windowed"] += 1
+        n["codes_cut"] += sum(max(0, v.size - (max_len - 4)) for v in visits)
+        visits = [v[: max_len - 4] for v in visits]
+        for w in window_bounds([v.size for v in visits], max_len):
+            context = None
+            if w.start > 0:
+                context = tuple(np.asarray(v, dtype=np.int64) for v in fit_context(
+                    visits[: w.start], context_visits, context_tokens))
+                age_w = _window_age(p, where[w.start])
+                if p.visit_times is not None:
+                    out.shift_years += age_w - age
+                    out.shift_visits += w.start
+                n["continuation_windows"] += 1
+            out.examples.append(EncodedPatient(
+                age if context is None else age_w, sex, tuple(visits[w.start:w.stop]), context,
+                kept=w.kept - w.start, cut=0 if w.final else max_len))
+            n["windows"] += 1
+            n["visits_kept"] += w.kept - w.start
+    out.counts = n
     return out
 
 
@@ -182,17 +283,26 @@ def collate(patients: Sequence[EncodedPatient], rng: np.random.Generator, cfg: O
     visits by ``rng`` unless ``shuffle=False`` (stored order)."""
     targets, sources = [], []
     shuffle = shuffle and cfg.code_order == "shuffle"
+    if mode not in ("train", "demographics", "full"):
+        raise ValueError(f"unknown batch mode {mode!r}")
     for p in patients:
         visits = [rng.permutation(v) for v in p.visits] if shuffle else list(p.visits)
-        targets.append(patient_tokens(visits))
+        target = patient_tokens(visits)
+        if p.cut:  # a window without the real end: its first ``cut`` tokens, no </s>
+            target = target[:-1][: p.cut]
+        targets.append(target)
+        if p.context is not None:  # a continuation window: the prompt generation feeds
+            context = [rng.permutation(v) for v in p.context] if shuffle else list(p.context)
+            sources.append(continuation_prompt(context))
+            continue
+        if p.kept >= 0:
+            visits = visits[: p.kept]
         if mode == "train":
             sources.append(corrupt(visits, rng, cfg))
         elif mode == "demographics":
             sources.append([TOKENS.bos, TOKENS.eos])
-        elif mode == "full":
-            sources.append(patient_tokens(visits))
         else:
-            raise ValueError(f"unknown batch mode {mode!r}")
+            sources.append(patient_tokens(visits))
     src = _pad(sources)
     tgt = _pad(targets)
     return Batch(input_ids=src, attention_mask=(src != TOKENS.pad).long(),

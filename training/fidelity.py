@@ -24,6 +24,7 @@ from app.decoding.engine import Engine
 from app.evaluation.fidelity import bigram_r2, unigram_r2
 from app.evaluation.structure import ks_codes_per_visit, ks_visits_per_patient
 from app.vocab import Vocabulary
+from app.windows import WindowRule
 
 __all__ = ["cycled_demographics", "fidelity_score", "sample_engine", "validation_fidelity", "validation_subsample"]
 
@@ -37,14 +38,16 @@ def validation_subsample(patients: Sequence[Patient], n: int, seed: int) -> list
 
 
 def sample_engine(model: Any, vocab: Vocabulary, *, max_visits: int, max_codes: int,
-                  batch_size: int = 256, calibration: StopCalibration | None = None) -> Engine:
-    """The serving engine over the torch model (limits as the bundle's engine will have them)."""
+                  batch_size: int = 256, calibration: StopCalibration | None = None,
+                  windows: WindowRule | None = None) -> Engine:
+    """The serving engine over the torch model (limits, and the long-patient window rule, as
+    the bundle's engine will have them)."""
     from training.torch_step import TorchStepModel
 
     return Engine(TorchStepModel(model), vocab, max_visits=max_visits,
                   max_codes_per_visit=max_codes, max_length=model.config.max_positions,
                   max_prompt_length=model.config.max_positions, batch_size=batch_size,
-                  calibration=calibration)
+                  calibration=calibration, windows=windows)
 
 
 def fidelity_score(metrics: dict[str, float]) -> float:

@@ -144,6 +144,18 @@ PRESETS: dict[str, SimulationConfig] = {
         codes_dispersion=3.0, max_codes_per_visit=39, max_visits=30, newborn_share=0.17,
         child_share=0.005, adult_age_mean=63.0, adult_age_sd=17.0, male_share=0.56,
     ),
+    # Long histories shaped like CMS DE-SynPUF claims (one visit per claim): Medicare ages,
+    # ~50 visits per patient of ~2 codes (claims carry up to 10), up to ~850 tokens, so about
+    # one patient in ten is longer than the recipe's 512 positions (the long-patient benchmark).
+    "claims-scale": SimulationConfig(
+        name="claims-scale", n_patients=10_000, n_clusters=30, mean_codes_per_visit=2.2,
+        mean_visits_per_patient=53.0, zipf_exponent=1.4, zipf_offset=60.0,
+        background_size=4_000, cluster_share=0.5, cluster_zipf=1.0,
+        cluster_prevalence_zipf=0.8, cluster_max_codes=30,
+        clusters_per_patient=(0.3, 0.4, 0.3), age_leak=0.03, other_sex_factor=0.4,
+        codes_dispersion=2.0, max_codes_per_visit=10, max_visits=200, newborn_share=0.0,
+        child_share=0.0, adult_age_mean=72.0, adult_age_sd=9.0, male_share=0.45,
+    ),
 }
 
 

@@ -10,7 +10,9 @@ Rules (documented in the README):
 
 * size: ``tiny`` under 150k training tokens, ``small`` under 3M, ``base`` above;
 * ``model.max_positions``: the 99.9th percentile of patient lengths, rounded up to a multiple of
-  32, between 32 and 1024; longer patients keep their earliest visits (counted in the log);
+  32, between 32 and 512 (:func:`app.windows.positions_for`); longer patients are trained on as
+  windows of consecutive visits and generated window by window (:mod:`app.windows`), so no
+  visit is lost and the cap only bounds attention cost (counted in the log and the manifest);
 * ``train.batch_size``: about 2,048 tokens per batch (a power of two between 16 and 256), and
   at least 8 batches per epoch;
 * ``train.max_minutes``: 45, or 90 where the vocabulary has more than 3,000 codes (the CPU
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from app.corpus import Patient
+from app.windows import MAX_POSITIONS_CAP, positions_for
 
 __all__ = ["CorpusProfile", "corpus_profile", "recipe_for"]
 
@@ -85,10 +88,11 @@ def recipe_for(profile: CorpusProfile) -> tuple[str, dict[str, Any], dict[str, s
     else:
         size = "base"
     reasons["size"] = f"{profile.tokens:,} training tokens"
-    positions = int(min(1024, max(32, 32 * math.ceil(profile.length_p999 / 32))))
+    positions = positions_for(profile.length_p999)
     reasons["model.max_positions"] = (f"99.9th percentile of patient lengths "
                                       f"{profile.length_p999:.0f} tokens (max "
-                                      f"{profile.length_max})")
+                                      f"{profile.length_max}; at most {MAX_POSITIONS_CAP}, "
+                                      f"longer patients are windowed)")
     mean_length = profile.tokens / profile.n_patients
     batch = _pow2(2048 / mean_length, 16, 256)
     batch = max(16, min(batch, _pow2(profile.n_patients / 8, 16, 256)))

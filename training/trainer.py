@@ -28,6 +28,8 @@ from app.bundle import read_manifest
 from app.cooccurrence import build_cooccurrence
 from app.corpus import Corpus, Patient
 from app.decoding.calibration import CALIBRATION_FILE
+from app.vocab import Vocabulary
+from app.windows import CONTEXT_VISITS, MANIFEST_KEY, RULE_TRUNCATE, RULE_WINDOWS, WindowRule
 from training.bundle import add_bundle_file, corpus_hash, write_bundle, write_manifest
 from training.calibrate import fit_stop_calibration
 from training.config import ObjectiveConfig, RunConfig, TrainConfig
@@ -36,6 +38,7 @@ from training.dataset import (
     code_rank,
     collate,
     encode_patients,
+    encode_windowed,
     length_batches,
 )
 from training.fidelity import (
@@ -169,16 +172,14 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     cooc_t = cooc_operator(cooc) if oc.cooc_weight > 0 else None
     max_len = config.model.max_positions
     rank = code_rank(vocab, oc.code_order)
-    enc_train = encode_patients(train_patients, vocab, max_len, rank)
-    enc_val = encode_patients(split.val, vocab, max_len, rank)
-    enc_test = encode_patients(split.test, vocab, max_len, rank)
+    (enc_train, enc_val, enc_test), long_patients = _encode_splits(
+        (train_patients, split.val, split.test), vocab, max_len, rank, tc.long_patients,
+        privacy.dp, log)
+    window_rule = WindowRule.from_manifest({MANIFEST_KEY: long_patients})
     lengths = [p.n_tokens for p in enc_train]
-    cut = sum(patient_length(p) > max_len for p in train_patients)
-    if cut:
-        log(f"{cut} training patient(s) ({cut / len(train_patients):.2%}) are longer than "
-            f"model.max_positions={max_len} tokens and keep their earliest visits that fit")
-    log(f"data: {corpus.source}, split {split.sizes()}, training on {len(enc_train)} patients, "
-        f"vocabulary {vocab.n_codes} codes / {vocab.n_categories} categories")
+    log(f"data: {corpus.source}, split {split.sizes()}, training on {len(train_patients)} "
+        f"patients ({len(enc_train)} examples), vocabulary {vocab.n_codes} codes / "
+        f"{vocab.n_categories} categories")
 
     torch.manual_seed(tc.seed)
     model = HierBart(config.model, vocab)
@@ -294,7 +295,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         eval_s = time.perf_counter() - tick
         fidelity = None
         if tc.monitor == "fidelity":
-            engine = sample_engine(model, vocab, **limits)
+            engine = sample_engine(model, vocab, **limits, windows=window_rule)
             fidelity = validation_fidelity(
                 engine, fid_real, seed=EVAL_SEED, min_generated=tc.fidelity_patients,
                 train=train_patients if tc.calibrate and not private else None)
@@ -369,7 +370,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     # the calibration's targets are training-split histograms: not released under a DP budget
     if tc.calibrate and not private:
         cal_real = validation_subsample(split.val, tc.calibration_patients, tc.seed + 29)
-        engine = sample_engine(model, vocab, **limits)
+        engine = sample_engine(model, vocab, **limits, windows=window_rule)
         calibration = fit_stop_calibration(
             engine, cycled_demographics(cal_real, tc.calibration_patients),
             train_patients, seed=EVAL_SEED, log=log)
@@ -410,10 +411,11 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     if calibration is not None:
         calibration.save(out_dir / CALIBRATION_FILE)
         add_bundle_file(out_dir, CALIBRATION_FILE)
+    manifest = read_manifest(out_dir)
+    manifest[MANIFEST_KEY] = long_patients
     if model_choice is not None:
-        manifest = read_manifest(out_dir)
         manifest["model_choice"] = model_choice
-        write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
     manifest = read_manifest(out_dir)
     log(f"test per-code perplexity from demographics {test_gen['ppl_code']:.2f} "
         f"(full patient in the encoder: {test_full['ppl_code']:.2f}); selected epoch "
@@ -423,6 +425,53 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         manifest = _maybe_export(model, out_dir, log) or manifest
     ckpt_path.unlink(missing_ok=True)
     return TrainResult(out_dir, manifest, history, model)
+
+
+def _encode_splits(splits: tuple[list[Patient], ...], vocab: Vocabulary, max_len: int,
+                   rank: np.ndarray | None, rule: str, dp: bool,
+                   log: Callable[[str], None]) -> tuple[tuple[list[EncodedPatient], ...],
+                                                        dict[str, Any]]:
+    """The train, validation and test examples under the long-patient rule, and the
+    manifest's record of it (``long_patients``: the rule, and per split what it did)."""
+    if rule not in (RULE_WINDOWS, RULE_TRUNCATE):
+        raise ValueError(f"train.long_patients: unknown {rule!r}; use {RULE_WINDOWS} or "
+                         f"{RULE_TRUNCATE}")
+    names = ("train", "val", "test")
+    if rule == RULE_WINDOWS and not dp:
+        encoded = [encode_windowed(s, vocab, max_len, rank) for s in splits]
+        info: dict[str, Any] = {"rule": RULE_WINDOWS, "max_positions": max_len,
+                                "context_visits": CONTEXT_VISITS,
+                                "context_tokens": WindowRule(max_len).context_tokens,
+                                "years_per_visit": encoded[0].years_per_visit}
+        info.update({name: e.counts for name, e in zip(names, encoded, strict=True)})
+        t = encoded[0].counts
+        if t["patients_windowed"]:
+            log(f"{t['patients_windowed']} training patient(s) "
+                f"({t['patients_windowed'] / max(t['patients'], 1):.2%}) are longer than "
+                f"model.max_positions={max_len} tokens: trained on {t['windows']} windows of "
+                f"consecutive visits ({t['continuation_windows']} continuation windows), "
+                f"{t['visits_kept']:,} of {t['visits']:,} visits kept"
+                + (f", {t['codes_cut']} codes cut from visits longer than a window"
+                   if t["codes_cut"] else "")
+                + f"; age per visit in continuation prompts {info['years_per_visit']:.3f} years")
+        return tuple(e.examples for e in encoded), info
+    encoded = [encode_patients(s, vocab, max_len, rank) for s in splits]
+    info = {"rule": RULE_TRUNCATE, "max_positions": max_len,
+            "reason": "differential privacy (a patient is one example)" if dp
+            else "train.long_patients"}
+    counts = {name: {"patients": len(patients),
+                     "patients_cut": sum(patient_length(p) > max_len for p in patients),
+                     "visits": sum(len(p.visits) for p in patients),
+                     "visits_kept": sum(len(e.visits) for e in enc)}
+              for name, patients, enc in zip(names, splits, encoded, strict=True)}
+    if not dp:  # exact counts of long training patients are not released under DP
+        info.update(counts)
+    cut = counts["train"]["patients_cut"]
+    if cut:
+        log(f"{cut} training patient(s) ({cut / len(splits[0]):.2%}) are longer than "
+            f"model.max_positions={max_len} tokens and keep their earliest visits that fit "
+            f"({info['reason']})")
+    return tuple(encoded), info
 
 
 def _device(name: str) -> torch.device:

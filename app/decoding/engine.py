@@ -31,6 +31,13 @@ Request semantics:
   ``row_indices[r]`` of a request with seed ``row_seeds[r]``, so rows of several requests can
   share one batch (the service's micro-batcher) and each row gets exactly the output it would
   get in its own request. Defaults: ``seed`` for every row, indices ``0..n-1`` (the plain call).
+
+Long patients (a bundle trained on windows, :mod:`app.windows`): a patient that fills the
+model's window without ``</s>`` keeps the visits the window kept and is decoded on in a new
+window (the continuation prompt of its last visits, the age at that window's first visit, a
+random stream of its own) until ``</s>`` or ``max_visits``; the patient is the concatenation.
+Without a window rule (older bundles, or a training split without long patients) the engine
+decodes exactly as before.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from app.decoding.validity import ValidityMask
 from app.icd9.codes import InvalidCodeError, normalize_code
 from app.icd9.edits import CodeEdits
 from app.vocab import BOS, PAD, Vocabulary
+from app.windows import WindowRule
 
 __all__ = ["MAX_AGE", "Demographics", "Engine", "GenerationResult"]
 
@@ -121,14 +129,20 @@ class _Chunk:
     tokens: np.ndarray  # int64 [R, L]
     loglik: np.ndarray  # float64 [R]
     n_tokens: np.ndarray  # int64 [R]
+    # rolling windows only: per row, the tokens, log-likelihood and emitted-token count up to
+    # the last visit the window keeps (app.windows), for rows that filled it without </s>
+    kept: np.ndarray | None = None
+    kept_loglik: np.ndarray | None = None
+    kept_n_tokens: np.ndarray | None = None
 
 
 class Engine:
     """Batched synthetic-patient decoding over a step model and a bundle's statistics.
 
     ``max_visits``, ``max_codes_per_visit`` and ``max_length`` are the defaults and hard caps
-    (``max_length``: decoder positions, ``<s>`` and ``</s>`` included); ``batch_size`` rows are
-    decoded together.
+    (``max_length``: decoder positions, ``<s>`` and ``</s>`` included; with ``windows``, the
+    length of one window: a patient rolls over windows up to ``max_visits``); ``batch_size``
+    rows are decoded together.
     """
 
     def __init__(self, model: StepModel, vocab: Vocabulary, *,
@@ -137,7 +151,8 @@ class Engine:
                  max_codes_per_visit: int = 40, max_length: int = 256, batch_size: int = 64,
                  edits: CodeEdits | None = None, max_prompt_length: int | None = None,
                  calibration: StopCalibration | None = None,
-                 unavailable: dict[str, str] | None = None) -> None:
+                 unavailable: dict[str, str] | None = None,
+                 windows: WindowRule | None = None) -> None:
         if getattr(model, "vocab_size", len(vocab)) != len(vocab):
             raise ValueError(f"model has {model.vocab_size} tokens, vocabulary {len(vocab)}")
         if batch_size < 1:
@@ -153,6 +168,11 @@ class Engine:
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length or max_length
+        # the long-patient window rule of a bundle trained on windows (None: one window)
+        self.windows = windows
+        if windows is not None and windows.max_positions != max_length:
+            raise ValueError(f"the window rule is for {windows.max_positions} positions, the "
+                             f"engine decodes {max_length}")
         self.validity = ValidityMask(vocab, edits)
         # The bundle's stop calibration (app.decoding.calibration); None or empty: the model's
         # own stop probabilities.
@@ -198,7 +218,8 @@ class Engine:
             "max_length": positions, "max_prompt_length": positions,
             "max_visits": max_visits, "max_codes_per_visit": max_codes,
             "batch_size": batch_size, "calibration": calibration,
-            "unavailable": dict(dp.get("unavailable_strategies") or {})}
+            "unavailable": dict(dp.get("unavailable_strategies") or {}),
+            "windows": WindowRule.from_manifest(bundle.manifest)}
         options.update(overrides)
         model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
@@ -289,8 +310,14 @@ class Engine:
         return required
 
     def _grammar(self, params: PlainParams) -> Grammar:
+        max_codes = params.max_codes_per_visit or self.max_codes_per_visit
+        if self.windows is None:
+            return Grammar(len(self.vocab), params.max_visits or self.max_visits, max_codes,
+                           self.max_length)
+        # a visit must fit one window (<s> <v> codes </v> x), as in training (app.windows)
         return Grammar(len(self.vocab), params.max_visits or self.max_visits,
-                       params.max_codes_per_visit or self.max_codes_per_visit, self.max_length)
+                       max(1, min(max_codes, self.max_length - 4)), self.max_length,
+                       rolling=True)
 
     # -- the public call ----------------------------------------------------------------------
     def generate(self, demographics: Sequence[Any], strategy: str = "plain",
@@ -411,7 +438,9 @@ class Engine:
                 current.append(self.vocab.tokens[t])
         return tuple(visits)
 
-    def _code_ids(self, tokens: Sequence[int]) -> list[list[int]]:
+    def _code_ids(self, tokens: Sequence[int], shift: bool = True) -> list[list[int]]:
+        """Each closed visit's codes: code indices, or token ids with ``shift=False``."""
+        offset = N_SPECIAL if shift else 0
         visits, current = [], None
         for t in tokens:
             if t == VISIT_ID:
@@ -420,7 +449,7 @@ class Engine:
                 visits.append(current)
                 current = None
             elif t >= N_SPECIAL and current is not None:
-                current.append(t - N_SPECIAL)
+                current.append(int(t) - offset)
         return visits
 
     # -- the decoding loop --------------------------------------------------------------------
@@ -460,16 +489,18 @@ class Engine:
         """Decode ``len(prompts) * repeat`` rows (row ``i * repeat + j`` = patient ``i``)."""
         n = len(prompts)
         per_chunk = max(1, batch // repeat)
+        decode = self._decode_chunk if self.windows is None else self._decode_rolling
         parts = []
         for lo in range(0, n, per_chunk):
             hi = min(n, lo + per_chunk)
-            parts.append(self._decode_chunk(
+            parts.append(decode(
                 prompts[lo:hi], ages[lo:hi], sex_ids[lo:hi], keys[lo * repeat:hi * repeat],
                 required[lo:hi], params, grammar, validity_mask, repeat, banned, calibrate))
         if not parts:
             return _Chunk(np.zeros((0, grammar.max_length), dtype=np.int64),
                           np.zeros(0), np.zeros(0, dtype=np.int64))
-        return _Chunk(np.concatenate([p.tokens for p in parts]),
+        width = max(p.tokens.shape[1] for p in parts)  # rolled patients may be longer
+        return _Chunk(np.concatenate([_pad_width(p.tokens, width) for p in parts]),
                       np.concatenate([p.loglik for p in parts]),
                       np.concatenate([p.n_tokens for p in parts]))
 
@@ -477,13 +508,18 @@ class Engine:
                       sex_ids: np.ndarray, keys: np.ndarray, required: Sequence[Sequence[int]],
                       params: PlainParams, grammar: Grammar, validity_mask: bool,
                       repeat: int, banned: np.ndarray | None = None,
-                      calibrate: bool = True) -> _Chunk:
+                      calibrate: bool = True, model_ages: np.ndarray | None = None,
+                      visits_before: np.ndarray | None = None) -> _Chunk:
+        """Decode one window of ``len(prompts) * repeat`` rows. ``ages`` drive the validity
+        mask, ``model_ages`` (default ``ages``) the model; ``visits_before``: visits the rows
+        have from earlier windows (a rolling continuation)."""
         vocab_size = len(self.vocab)
         pad_id, bos_id = self.vocab.index[PAD], self.vocab.index[BOS]
         ids, attention = pad_prompts(prompts, pad_id)
         tick = time.perf_counter()
         state = self.model.start(ids, attention,
-                                 np.minimum(ages, AGE_CAP).astype(np.float32),
+                                 np.minimum(ages if model_ages is None else model_ages,
+                                            AGE_CAP).astype(np.float32),
                                  sex_ids.astype(np.int64))
         rep = np.repeat(np.arange(len(prompts)), repeat)
         if repeat > 1:
@@ -499,7 +535,7 @@ class Engine:
         req = np.zeros((rows, vocab_size), dtype=bool)
         for row, patient in enumerate(rep):
             req[row, list(required[patient])] = True
-        gstate = grammar.initial(req)
+        gstate = grammar.initial(req, visits_before)
         alpha = params.alpha if isinstance(params, CooccurrenceParams) else 0.0
         bias = (CooccurrenceBias(self.cooccurrence, rows, vocab_size, alpha,
                                  bool(getattr(params, "normalize", False)))
@@ -512,6 +548,9 @@ class Engine:
         n_tokens = np.zeros(rows, dtype=np.int64)
         active = np.arange(rows)
         feed = np.full((rows, 1), bos_id, dtype=np.int64)
+        if grammar.rolling:  # what each row keeps should it fill the window (app.windows)
+            kept = np.ones(rows, dtype=np.int64)
+            kept_ll, kept_n = np.zeros(rows, dtype=np.float64), np.zeros(rows, dtype=np.int64)
         for t in range(1, length):
             tick = time.perf_counter()
             logp, state = self.model.step(state, feed)
@@ -538,6 +577,10 @@ class Engine:
                 bias.reset(np.flatnonzero(live & (tok == END_VISIT_ID)))
             grammar.advance(gstate, tok)
             out[active, t] = tok
+            if grammar.rolling and t <= length - 2:  # a </v> followed by a token in the window
+                closed = active[np.flatnonzero(live & (tok == END_VISIT_ID))]
+                kept[closed], kept_ll[closed], kept_n[closed] = t + 1, loglik[closed], \
+                    n_tokens[closed]
             done = gstate.phase == DONE
             n_done = int(done.sum())
             if n_done == done.size:
@@ -553,7 +596,80 @@ class Engine:
                     bias.take(keep)
                 active, tok = active[keep], tok[keep]
             feed = tok[:, None]
+        if grammar.rolling:
+            return _Chunk(out, loglik, n_tokens, kept, kept_ll, kept_n)
         return _Chunk(out, loglik, n_tokens)
+
+    def _decode_rolling(self, prompts: Sequence[Sequence[int]], ages: np.ndarray,
+                        sex_ids: np.ndarray, keys: np.ndarray,
+                        required: Sequence[Sequence[int]], params: PlainParams,
+                        grammar: Grammar, validity_mask: bool, repeat: int,
+                        banned: np.ndarray | None = None, calibrate: bool = True) -> _Chunk:
+        """:meth:`_decode_chunk` for long patients: rows that fill a window without ``</s>``
+        go on in continuation windows (:mod:`app.windows`) until ``</s>`` or the visit limit.
+
+        Window ``w > 0`` of a row draws from its own stream (the row's key mixed with ``w``),
+        so a patient's output still depends on its seed and index only.
+        """
+        assert self.windows is not None
+        first = self._decode_chunk(prompts, ages, sex_ids, keys, required, params, grammar,
+                                   validity_mask, repeat, banned, calibrate)
+        rep = np.repeat(np.arange(len(prompts)), repeat)
+        row_ages, row_sex = ages[rep], sex_ids[rep]
+        rows = first.tokens.shape[0]
+        pieces: list[list[np.ndarray]] = [[] for _ in range(rows)]
+        visits: list[list[list[int]]] = [[] for _ in range(rows)]
+        loglik, n_tokens = first.loglik.copy(), first.n_tokens.copy()
+        pending = self._take_window(first, np.arange(rows), pieces, visits, loglik, n_tokens,
+                                    head=0)
+        window = 1
+        while pending.size:
+            nv = np.asarray([len(visits[r]) for r in pending], dtype=np.int64)
+            if window > grammar.max_visits:  # unreachable: every window keeps a visit
+                break
+            ages_w = row_ages[pending] + nv * self.windows.years_per_visit
+            keys_w = row_keys(keys[pending], np.full(pending.size, window), _WINDOW_STREAM)
+            chunk = self._decode_chunk(
+                [self.windows.prompt(visits[r]) for r in pending], row_ages[pending],
+                row_sex[pending], keys_w, [()] * pending.size, params, grammar, validity_mask,
+                1, banned, calibrate, model_ages=ages_w, visits_before=nv)
+            pending = self._take_window(chunk, pending, pieces, visits, loglik, n_tokens, head=1)
+            window += 1
+        for r in pending:  # (defensive) end a patient that could not go on
+            pieces[r].append(np.asarray([EOS_ID], dtype=np.int64))
+        tokens = [np.concatenate(p) for p in pieces]
+        width = max(grammar.max_length, max((t.size for t in tokens), default=0))
+        out = np.full((rows, width), self.vocab.index[PAD], dtype=np.int64)
+        for r, t in enumerate(tokens):
+            out[r, : t.size] = t
+        return _Chunk(out, loglik, n_tokens)
+
+    def _take_window(self, chunk: _Chunk, rows: np.ndarray, pieces: list[list[np.ndarray]],
+                     visits: list[list[list[int]]], loglik: np.ndarray, n_tokens: np.ndarray,
+                     head: int) -> np.ndarray:
+        """Append each row's part of a decoded window (from token ``head``: 0 keeps ``<s>``)
+        and return the rows that filled it without ``</s>`` (to be continued)."""
+        assert chunk.kept is not None and chunk.kept_loglik is not None \
+            and chunk.kept_n_tokens is not None
+        go_on = []
+        for j, r in enumerate(rows):
+            row = chunk.tokens[j]
+            ends = np.flatnonzero(row == EOS_ID)
+            if ends.size:
+                part = row[head: int(ends[0]) + 1]
+                ll, nt = chunk.loglik[j], chunk.n_tokens[j]
+            else:
+                part = row[head: int(chunk.kept[j])]
+                ll, nt = chunk.kept_loglik[j], chunk.kept_n_tokens[j]
+                go_on.append(r)
+            pieces[r].append(part)
+            visits[r].extend(self._code_ids(part, shift=False))
+            if head:  # a continuation: add to the earlier windows' totals
+                loglik[r] += ll
+                n_tokens[r] += nt
+            else:
+                loglik[r], n_tokens[r] = ll, nt
+        return np.asarray(go_on, dtype=np.int64)
 
     # -- rerank -------------------------------------------------------------------------------
     def _rerank(self, index: np.ndarray, ages: np.ndarray, sex_ids: np.ndarray,
@@ -616,11 +732,11 @@ class Engine:
                        required: list[list[int]], seeds: list[int], params: RetrieveEditParams,
                        grammar: Grammar, validity_mask: bool, batch: int,
                        banned: np.ndarray | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                       ) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
         assert self.retrieval is not None
         n = index.size
         key_seeds = _key_seeds(seeds)
-        tokens = np.zeros((n, grammar.max_length), dtype=np.int64)
+        tokens: list[np.ndarray] = [np.zeros(grammar.max_length, dtype=np.int64)] * n
         loglik = np.zeros(n, dtype=np.float64)
         attempts = [0] * n
         pending = np.arange(n)  # positions in the request; index[pending]: key indices
@@ -662,6 +778,16 @@ def length_limits(stats: dict[str, Any]) -> tuple[int, int]:
 
 
 _RERANK_STREAM = 0x52455241  # the selection draw's stream (candidates use streams 0..k-1)
+_WINDOW_STREAM = 0x57494E44  # continuation windows: the row's key mixed with the window number
+
+
+def _pad_width(tokens: np.ndarray, width: int, pad_id: int = 0) -> np.ndarray:
+    """``tokens [R, L]`` right-padded with ``pad_id`` to ``[R, width]``."""
+    if tokens.shape[1] >= width:
+        return tokens
+    out = np.full((tokens.shape[0], width), pad_id, dtype=tokens.dtype)
+    out[:, : tokens.shape[1]] = tokens
+    return out
 
 
 def _key_seeds(seeds: Sequence[int]) -> np.ndarray:

@@ -17,6 +17,13 @@ tokens. Guarantees, by construction, for any model output:
 
 ``code_ok`` (per row) restricts which codes may be sampled at all (the validity mask); required
 codes are always allowed, so callers must check beforehand that they are acceptable.
+
+``rolling=True`` (a bundle trained on windows of long patients, :mod:`app.windows`): a row
+with no required code left is not held to ``max_length``; it may fill the window and go on in
+the next one, exactly as a training window is the first ``max_length`` tokens of a longer
+patient. The engine stops decoding a window at ``max_length`` tokens and rolls such a row over.
+Rows with required codes missing, or whose open visit holds one, keep the length rule, so those
+codes are placed in visits the first window keeps.
 """
 
 from __future__ import annotations
@@ -47,11 +54,13 @@ class GrammarState:
     missing: np.ndarray  # bool [B, V]: required codes not yet emitted
     n_missing: np.ndarray  # int32 [B]
     length: np.ndarray  # int32 [B]: tokens emitted so far, <s> included
+    # bool [B]: the open visit holds a required code (rolling: it must close in the window)
+    pinned: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> GrammarState:
         return GrammarState(self.phase[rows], self.n_visits[rows], self.n_codes[rows],
                             self.used[rows], self.missing[rows], self.n_missing[rows],
-                            self.length[rows])
+                            self.length[rows], None if self.pinned is None else self.pinned[rows])
 
     @property
     def done(self) -> np.ndarray:
@@ -64,6 +73,7 @@ class Grammar:
     max_visits: int
     max_codes: int
     max_length: int = 0  # 0: the visit and code limits alone (2 + max_visits x (max_codes + 2))
+    rolling: bool = False  # rows without missing required codes may run past max_length
 
     def __post_init__(self) -> None:
         if self.max_visits < 1 or self.max_codes < 1:
@@ -95,8 +105,10 @@ class Grammar:
             <= self.max_length
         return fits_slots & fits_length
 
-    def initial(self, required: np.ndarray) -> GrammarState:
-        """State after ``<s>`` for rows whose required codes are ``required`` (bool [B, V])."""
+    def initial(self, required: np.ndarray,
+                n_visits: np.ndarray | None = None) -> GrammarState:
+        """State after ``<s>`` for rows whose required codes are ``required`` (bool [B, V]);
+        ``n_visits``: visits the rows already have (a rolling continuation window)."""
         required = np.asarray(required, dtype=bool)
         batch = required.shape[0]
         n_missing = required.sum(axis=1).astype(np.int32)
@@ -104,12 +116,14 @@ class Grammar:
             raise ValueError("more required codes than the visit, code and length limits hold")
         return GrammarState(
             phase=np.full(batch, START, dtype=np.int8),
-            n_visits=np.zeros(batch, dtype=np.int32),
+            n_visits=(np.zeros(batch, dtype=np.int32) if n_visits is None
+                      else np.asarray(n_visits, dtype=np.int32).copy()),
             n_codes=np.zeros(batch, dtype=np.int32),
             used=np.zeros((batch, self.vocab_size), dtype=bool),
             missing=required.copy(),
             n_missing=n_missing,
             length=np.ones(batch, dtype=np.int32),
+            pinned=np.zeros(batch, dtype=bool),
         )
 
     def allowed(self, state: GrammarState, code_ok: np.ndarray) -> np.ndarray:
@@ -124,21 +138,27 @@ class Grammar:
             later = (self.max_visits - nv[rows]) * self.max_codes  # slots after this visit
             room = k < self.max_codes
             # A code that is not required must leave slots and tokens for the missing ones.
-            free = room & ((self.max_codes - k - 1) + later >= m) & (
-                self._need_in_visit(k + 1, m) <= r - 1)
+            fits = self._need_in_visit(k + 1, m) <= r - 1
+            closes = self._need_after_visit(m) <= r - 1
+            if self.rolling:  # nothing missing nor open: the row may run into the next window
+                free_length = (m == 0) & ~state.pinned[rows]
+                fits, closes = fits | free_length, closes | free_length
+            free = room & ((self.max_codes - k - 1) + later >= m) & fits
             fr, rq = rows[free], rows[room & ~free]
             if fr.size:
                 allowed[fr, N_SPECIAL:] = ((code_ok[fr, N_SPECIAL:] | state.missing[fr, N_SPECIAL:])
                                            & ~state.used[fr, N_SPECIAL:])
             if rq.size:
                 allowed[rq, N_SPECIAL:] = state.missing[rq, N_SPECIAL:] & ~state.used[rq, N_SPECIAL:]
-            allowed[rows, END_VISIT_ID] = (k >= 1) & (later >= m) & (
-                self._need_after_visit(m) <= r - 1)
+            allowed[rows, END_VISIT_ID] = (k >= 1) & (later >= m) & closes
         allowed[phase == START, VISIT_ID] = True
         after = np.flatnonzero(phase == AFTER_VISIT)
         if after.size:
             m = nm[after]
-            allowed[after, VISIT_ID] = (nv[after] < self.max_visits) & ((m > 0) | (left[after] >= 4))
+            room = (m > 0) | (left[after] >= 4)
+            if self.rolling:
+                room = room | (m == 0)
+            allowed[after, VISIT_ID] = (nv[after] < self.max_visits) & room
             allowed[after, EOS_ID] = m == 0
         allowed[phase == DONE, PAD_ID] = True
         return allowed
@@ -157,6 +177,8 @@ class Grammar:
             hit = state.missing[code_rows, codes]
             state.missing[code_rows, codes] = False
             state.n_missing[code_rows] -= hit.astype(np.int32)
+            if state.pinned is not None:
+                state.pinned[code_rows[hit]] = True
         opens = np.flatnonzero((tokens == VISIT_ID) & ((phase == START) | (phase == AFTER_VISIT)))
         closes = np.flatnonzero((tokens == END_VISIT_ID) & (phase == IN_VISIT))
         ends = np.flatnonzero((tokens == EOS_ID) & (phase == AFTER_VISIT))
@@ -165,5 +187,7 @@ class Grammar:
         state.phase[opens] = IN_VISIT
         if closes.size:
             state.used[closes] = False
+            if state.pinned is not None:
+                state.pinned[closes] = False
         state.phase[closes] = AFTER_VISIT
         state.phase[ends] = DONE

@@ -16,11 +16,12 @@ __all__ = ["data_app", "data_simulate", "data_stats", "print_corpus_report"]
 data_app = typer.Typer(help="Load, inspect and simulate patient corpora.", no_args_is_help=True)
 
 
-def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 256) -> None:
+def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 0) -> None:
     """The ``data stats`` report: raw counts, corpus summary, demographics, patient lengths
-    against ``max_positions`` and drops (with level and examples)."""
+    against ``max_positions`` (0: the training recipe's) and drops (with level and examples)."""
     stats = corpus_stats(corpus.patients)
-    lengths = length_stats(corpus.patients, max_positions)
+    lengths = length_stats(corpus.patients, max_positions or None)
+    max_positions = lengths.max_positions
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -42,10 +43,14 @@ def print_corpus_report(corpus: Corpus, title: str, max_positions: int = 256) ->
     rows += [(f"patient length in tokens, {q}", f"{v:,}")
              for q, v in lengths.token_percentiles.items()]
     share = lengths.over_limit / stats.patients if stats.patients else 0.0
-    rows += [(f"patients longer than {max_positions} tokens",
+    rows += [("model.max_positions" + (" (the recipe's: p99.9 rounded up to 32, 32-512)"
+                                       if lengths.recipe_positions else " (--max-positions)"),
+              f"{max_positions:,}"),
+             (f"patients longer than {max_positions} tokens",
               f"{lengths.over_limit:,} ({share:.1%})"),
              (f"visits of patients longer than {max_positions} tokens",
-              f"{lengths.visits_over_limit:,}")]
+              f"{lengths.visits_over_limit:,}"),
+             ("windows they train on (every visit kept)", f"{lengths.windows_over_limit:,}")]
     rows += [(f"visits per patient, {q}", f"{v:,}") for q, v in lengths.visit_percentiles.items()]
     rows += [(f"patients with {label} visits", f"{count:,}")
              for label, count in lengths.visit_histogram.items()]
@@ -71,13 +76,14 @@ def data_stats(
     source: Annotated[str, typer.Option(
         help="mimic3, mimic4, eicu, uci, generic or synpuf.")] = "generic",
     preset: Annotated[str | None, typer.Option(
-        help="Describe a simulated corpus instead: demo or mimic3-scale.")] = None,
+        help="Describe a simulated corpus instead: demo, mimic3-scale or claims-scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated corpus.")] = 0,
     date_format: Annotated[str | None, typer.Option(
         help="The one format of the source's dates, in strptime codes (e.g. '%m/%d/%Y'); "
              "default ISO 8601 (DE-SynPUF: YYYYMMDD). Dates are never guessed.")] = None,
     max_positions: Annotated[int, typer.Option(
-        min=1, help="Report how many patients are longer than this many tokens.")] = 256,
+        min=0, help="Report how many patients are longer than this many tokens (0: the "
+                    "training recipe's limit, the 99.9th percentile rounded up to 32).")] = 0,
     max_drop_share: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Fail when more than this share of patients is dropped.")] = 0.5,
 ) -> None:
