@@ -59,7 +59,7 @@ def manifest_facts(out: Path) -> dict[str, object]:
             "train_patients": (manifest.get("splits") or {}).get("train_used"),
             "windowed": long.get("patients_windowed", long.get("patients_cut")),
             "windows": long.get("windows", "-"),
-            "visits_kept": (f"{long['visits_kept']:,} / {long['visits']:,}"
+            "visits_kept": (f"{long['visits_kept']:,} / {long['visits_total']:,}"
                             if "visits" in long else "-")}
 
 

@@ -77,7 +77,7 @@ def test_window_bounds_keep_each_visit_once() -> None:
 def test_every_visit_reaches_a_training_window(patients, vocab) -> None:
     encoded = encode_windowed(patients, vocab, L)
     assert encoded.counts["patients_windowed"] == sum(token_length(p) > L for p in patients) > 50
-    assert encoded.counts["visits_kept"] == encoded.counts["visits"] \
+    assert encoded.counts["visits_kept"] == encoded.counts["visits_total"] \
         == sum(len(p.visits) for p in patients)
     for p in patients:
         examples = encode_windowed([p], vocab, L).examples
@@ -227,7 +227,7 @@ def test_training_logs_and_records_the_windows(long_bundle) -> None:
     train = info["train"]
     assert info["rule"] == "windows" and info["max_positions"] == L
     assert train["patients_windowed"] > 0 and train["continuation_windows"] > 0
-    assert train["visits_kept"] == train["visits"] and train["codes_cut"] == 0
+    assert train["visits_kept"] == train["visits_total"] and train["codes_cut"] == 0
     assert 0.05 < info["years_per_visit"] < 0.25  # a visit every 5-90 days
     assert any("windows of consecutive visits" in m and "visits kept" in m for m in messages)
 

@@ -168,12 +168,12 @@ def encode_windowed(patients: Iterable[Patient], vocab: Vocabulary, max_len: int
     """
     context_tokens = context_tokens or max(8, max_len // 2)
     out = WindowedEncoding([])
-    n = {"patients": 0, "patients_windowed": 0, "windows": 0, "continuation_windows": 0,
-         "visits": 0, "visits_kept": 0, "codes_cut": 0}
+    n = {"patients_total": 0, "patients_windowed": 0, "windows": 0, "continuation_windows": 0,
+         "visits_total": 0, "visits_kept": 0, "codes_cut": 0}
     for p in patients:
         visits, where = _visit_ids(p, vocab, rank)
-        n["patients"] += 1
-        n["visits"] += len(visits)
+        n["patients_total"] += 1
+        n["visits_total"] += len(visits)
         age, sex = float(p.age), SEX_IDS[p.sex]
         if 2 + sum(v.size + 2 for v in visits) <= max_len:
             out.examples.append(EncodedPatient(age, sex, tuple(visits)))

@@ -447,10 +447,10 @@ def _encode_splits(splits: tuple[list[Patient], ...], vocab: Vocabulary, max_len
         t = encoded[0].counts
         if t["patients_windowed"]:
             log(f"{t['patients_windowed']} training patient(s) "
-                f"({t['patients_windowed'] / max(t['patients'], 1):.2%}) are longer than "
+                f"({t['patients_windowed'] / max(t['patients_total'], 1):.2%}) are longer than "
                 f"model.max_positions={max_len} tokens: trained on {t['windows']} windows of "
                 f"consecutive visits ({t['continuation_windows']} continuation windows), "
-                f"{t['visits_kept']:,} of {t['visits']:,} visits kept"
+                f"{t['visits_kept']:,} of {t['visits_total']:,} visits kept"
                 + (f", {t['codes_cut']} codes cut from visits longer than a window"
                    if t["codes_cut"] else "")
                 + f"; age per visit in continuation prompts {info['years_per_visit']:.3f} years")
@@ -459,9 +459,9 @@ def _encode_splits(splits: tuple[list[Patient], ...], vocab: Vocabulary, max_len
     info = {"rule": RULE_TRUNCATE, "max_positions": max_len,
             "reason": "differential privacy (a patient is one example)" if dp
             else "train.long_patients"}
-    counts = {name: {"patients": len(patients),
+    counts = {name: {"patients_total": len(patients),
                      "patients_cut": sum(patient_length(p) > max_len for p in patients),
-                     "visits": sum(len(p.visits) for p in patients),
+                     "visits_total": sum(len(p.visits) for p in patients),
                      "visits_kept": sum(len(e.visits) for e in enc)}
               for name, patients, enc in zip(names, splits, encoded, strict=True)}
     if not dp:  # exact counts of long training patients are not released under DP
