@@ -44,7 +44,9 @@ def inline_result() -> dict[str, bytes]:
 
 def test_two_workers_share_one_cohort_through_redis(prefix, inline_result):  # noqa: F811
     gen = SlowGenerator(session_generator(), 0.05)
-    settings = settings_for(MAIN_REDIS, prefix)
+    # a lease long enough that a loaded machine never forces a takeover: this test counts
+    # each worker's chunks (the takeover path has tests of its own)
+    settings = settings_for(MAIN_REDIS, prefix, lease_s=6.0)
     stop = threading.Event()
     workers = [Worker(RedisStore(MAIN_REDIS, prefix), gen, settings, name=f"w{i}")
                for i in range(2)]
