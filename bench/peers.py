@@ -4,6 +4,10 @@ baseline, every row scored by :func:`training.evaluate.evaluate_cohorts` in one 
 
     .venv/bin/python bench/peers.py --dataset uci --minutes 40 --bundle models/uci
     .venv/bin/python bench/peers.py --dataset mimic3-scale --minutes 40 --bundle models/m3s
+    # ours trained at the same time on the other core, read when its export is done:
+    synthehr train --preset mimic3-scale --out models/m3s --max-minutes 40 &
+    .venv/bin/python bench/peers.py --dataset mimic3-scale --minutes 40 --bundle models/m3s \
+        --wait-minutes 30
     .venv/bin/python bench/peers.py --dataset uci --minutes 1 --subsample 3000 --test-size 500
 
 Peers:
@@ -86,6 +90,27 @@ def _split(dataset: str, data: Path | None):
     return load_split(dataset, path)
 
 
+def _wait_for_bundle(bundle: Path, minutes: float, log) -> None:
+    """Wait up to ``minutes`` for ``synthehr train`` to finish ``bundle`` (its manifest lists the
+    exported decoder, the last step), so ours can train beside the peers, on the same machine
+    over the same wall-clock window."""
+    manifest = Path(bundle) / "manifest.json"
+
+    def finished() -> bool:
+        try:
+            return "decoder.onnx" in json.loads(manifest.read_text()).get("files", {})
+        except (OSError, ValueError):
+            return False
+
+    deadline = time.monotonic() + minutes * 60
+    if not finished():
+        log(f"waiting up to {minutes:g} min for {bundle} to be exported")
+    while not finished():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{bundle} was not exported within {minutes:g} minutes")
+        time.sleep(10)
+
+
 def _ours(bundle: Path, demographics, seed: int) -> tuple[list, float, str]:
     from app.bundle import read_manifest
     from app.decoding.engine import Engine
@@ -143,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=40.0,
                         help="wall-clock training budget of each peer")
     parser.add_argument("--bundle", type=Path, default=None, help="our bundle (plain)")
+    parser.add_argument("--wait-minutes", type=float, default=0.0,
+                        help="wait this long for --bundle to be written (train it alongside)")
     parser.add_argument("--subsample", type=int, default=None,
                         help="train the peers on this many training patients")
     parser.add_argument("--test-size", type=int, default=None,
@@ -174,12 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     cohorts: dict[str, list] = {}
     timings: dict[str, float] = {}
-    if args.bundle is not None:
-        patients, seconds, info = _ours(args.bundle, demographics, args.seed)
-        cohorts["ours (plain)"] = patients
-        timings["ours (plain)"] = seconds
-        notes.append(f"ours: bundle {args.bundle}, trained by `synthehr train` (manifest: "
-                     f"{info}), not by this script")
     from halo_peer import HaloData, generate_halo, train_halo
 
     data = HaloData(train)
@@ -194,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                  f"{info['steps']:,} steps, {info['epochs']} full epochs, "
                  f"{info['parameters']:,} parameters in {args.minutes:g} min; given each test "
                  "patient's sex and age band")
+    if args.bundle is not None:
+        _wait_for_bundle(args.bundle, args.wait_minutes, log)
+        patients, seconds, info = _ours(args.bundle, demographics, args.seed)
+        cohorts["ours (plain)"] = patients
+        timings["ours (plain)"] = seconds
+        notes.append(f"ours: bundle {args.bundle}, trained by `synthehr train` (manifest: "
+                     f"{info}), not by this script")
     if not args.no_promptehr:
         outcome = _promptehr(args.peer_venv, log)
         log(f"PromptEHR: {outcome}")

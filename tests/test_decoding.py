@@ -7,6 +7,7 @@ and sex edits (pregnancy, prostate, newborn).
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,46 @@ def test_cooccurrence_normalize_sums_conditional_frequencies(world) -> None:
     expected = sum(dense[c] / max(stats.code_counts[c], 1.0) for c in codes)
     np.testing.assert_allclose(bias.bias[0, stats.n_special:], 0.5 * np.log1p(expected),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_cooccurrence_npmi_bias_is_the_mean_positive_npmi(world) -> None:
+    from app.decoding.strategies import CooccurrenceBias
+
+    stats = world[2]
+    n_codes = stats.code_counts.size
+    width = n_codes + stats.n_special
+    codes = np.flatnonzero(np.diff(stats.indptr) > 0)[:3]
+    bias = CooccurrenceBias(stats, 2, width, 2.0, kind="npmi")
+    for c in codes:
+        bias.add(np.array([0]), np.array([c + stats.n_special]))
+    # by hand: NPMI of each pair from the dense counts, its positive part, mean over the codes
+    dense = stats.matrix.toarray().astype(float)
+    n = stats.n_visits
+    expected = np.zeros(n_codes)
+    for c in codes:
+        for j in range(n_codes):
+            if dense[c, j] > 0:
+                p_ab = dense[c, j] / n
+                pmi = math.log(p_ab / ((stats.code_counts[c] / n) * (stats.code_counts[j] / n)))
+                value = 1.0 if p_ab >= 1.0 else pmi / -math.log(p_ab)
+                expected[j] += max(min(value, 1.0), 0.0)
+    np.testing.assert_allclose(bias.bias[0, stats.n_special:], 2.0 * expected / len(codes),
+                               rtol=1e-4, atol=1e-6)
+    assert not bias.bias[1].any()  # the other row is untouched
+    assert bias.bias[0, stats.n_special:].max() <= 2.0 + 1e-6
+    bias.reset(np.array([0]))
+    assert not bias.bias.any() and not bias.in_visit.any()
+
+
+def test_cooccurrence_npmi_raises_the_coherence(world) -> None:
+    stats = world[2]
+    engine = _engine(world)
+    demo = _demographics(600)
+    plain = engine.generate(demo, "plain", seed=8)
+    biased = engine.generate(demo, "cooccurrence", {"alpha": 4.0, "bias": "npmi"}, seed=8)
+    coherence = lambda r: np.mean(
+        stats.coherence_many([engine._code_ids(t) for t in r.token_ids]))
+    assert coherence(biased) > coherence(plain) + 0.05
 
 
 def test_rerank_tilts_toward_coherence_and_argmax_seeks_the_mode(world) -> None:

@@ -199,3 +199,33 @@ def test_calibration_shapes_demographic_strategies_but_not_retrieve_edit():
     assert run(None, "plain") != run(stop_late, "plain")
     params = {"min_distance": 0.0, "max_retries": 5}
     assert run(None, "retrieve_edit", params) == run(stop_late, "retrieve_edit", params)
+
+
+@pytest.mark.parametrize("params", [{"alpha": 0.5}, {"alpha": 0.5, "bias": "npmi"}])
+def test_cooccurrence_inherits_the_calibration(params):
+    # The bias is added to the calibrated scores: every stop decision keeps its offset, also
+    # at steps where other rows of the batch are inside a visit (the usual case).
+    from app.cooccurrence import build_cooccurrence
+    from app.decoding.strategies import CooccurrenceStats
+
+    rng = np.random.default_rng(2)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[(i + j) % 10], CODES[(i + 2 * j + 1) % 10])
+                           for j in range(int(rng.integers(1, 4)))))
+             for i in range(300)]
+    vocab = Vocabulary.from_patients(train)
+    stats = CooccurrenceStats.from_vocab(build_cooccurrence(train, vocab), vocab)
+    stop_late = StopCalibration(np.array([0.0, -6.0, -6.0, -6.0]))  # rarely end the patient
+
+    def visits(calibration, strategy):
+        engine = Engine(RandomStepModel(len(vocab), seed=5), vocab, cooccurrence=stats,
+                        max_visits=4, max_codes_per_visit=3, max_length=32,
+                        calibration=calibration)
+        given = params if strategy == "cooccurrence" else None
+        cohort = engine.generate([(50.0, "F")] * 200, strategy, params=given, seed=3).patients
+        return float(np.mean([len(p.visits) for p in cohort]))
+
+    assert visits(stop_late, "plain") > visits(None, "plain") + 0.5
+    # the calibrated cooccurrence cohort is as long as the calibrated plain one
+    assert visits(stop_late, "cooccurrence") > visits(None, "cooccurrence") + 0.5
+    assert abs(visits(stop_late, "cooccurrence") - visits(stop_late, "plain")) < 0.3

@@ -538,7 +538,8 @@ class Engine:
         gstate = grammar.initial(req, visits_before)
         alpha = params.alpha if isinstance(params, CooccurrenceParams) else 0.0
         bias = (CooccurrenceBias(self.cooccurrence, rows, vocab_size, alpha,
-                                 bool(getattr(params, "normalize", False)))
+                                 bool(getattr(params, "normalize", False)),
+                                 getattr(params, "bias", "count"))
                 if alpha > 0 else None)
         keep_length = bool(getattr(params, "keep_visit_length", True))
         length = grammar.max_length
@@ -564,7 +565,8 @@ class Engine:
                                                 gstate.n_visits, in_visit, gstate.n_codes,
                                                 EOS_ID, END_VISIT_ID)
             if bias is not None and in_visit.any():
-                scores = _biased(logp, bias.bias, allowed, keep_length)
+                # on the calibrated scores: the bias moves codes, the calibration the stops
+                scores = _biased(scores, bias.bias, allowed, keep_length)
             width = vocab_size if in_visit.any() else N_SPECIAL
             tok = sample_tokens(scores[:, :width], allowed[:, :width],
                                 uniforms(keys[active], t), params.temperature,

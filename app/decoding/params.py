@@ -79,6 +79,11 @@ class CooccurrenceParams(PlainParams):
         "of conditional frequencies P(c | j) in [0, 1] and a frequent code in the visit does "
         "not outweigh a rare one. On UCI bigram R2 0.889 at alpha 0.1 and 0.3, 0.872 at 1: "
         "no better than plain, so off by default."))
+    bias: Literal["count", "npmi"] = Field("count", description=(
+        "'count': the bias above, from summed train counts; 'npmi': alpha times the mean, "
+        "over the codes already in the visit, of the positive part of their normalised PMI "
+        "with the candidate (in [0, alpha] whatever the codes' frequencies, so common codes "
+        "do not dominate; ``normalize`` does not apply)."))
     keep_visit_length: bool = Field(True, description=(
         "Renormalise so the bias only moves probability among codes, not between adding a "
         "code and closing the visit (keeps the model's visit lengths)."))

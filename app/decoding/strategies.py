@@ -6,7 +6,10 @@
   already in the current visit. Adding code ``j`` adds the ``nnz(C[j])`` stored entries of row
   ``j`` only, so a step costs the nonzeros of the codes just emitted, never ``V x V``; the logit
   bias is ``alpha * log(1 + acc)``. With ``normalize`` each count ``C[j, c]`` is divided by code
-  ``j``'s training visit count, so ``acc[c]`` sums conditional frequencies ``P(c | j)``.
+  ``j``'s training visit count, so ``acc[c]`` sums conditional frequencies ``P(c | j)``. With the
+  ``npmi`` bias ``acc[c]`` sums the positive part of ``NPMI(j, c)`` instead and the bias is
+  ``alpha`` times its mean over the visit's codes: in ``[0, alpha]`` whatever the codes'
+  frequencies, so a common code does not pull harder than a rare one.
 * :meth:`CooccurrenceStats.coherence` is the mean normalised pointwise mutual information
   (NPMI, Bouma 2009) of a patient's within-visit code pairs:
   ``log(p_ij / (p_i p_j)) / -log p_ij`` with probabilities over training visits; a pair never
@@ -42,6 +45,16 @@ class CooccurrenceStats:
         self.indptr = self.matrix.indptr.astype(np.int64)
         self.indices = self.matrix.indices.astype(np.int64)
         self.data = self.matrix.data.astype(np.float32)
+        self._positive_npmi: np.ndarray | None = None
+
+    @property
+    def positive_npmi(self) -> np.ndarray:
+        """``max(NPMI(i, j), 0)`` of every stored pair, aligned with :attr:`data` (made once)."""
+        if self._positive_npmi is None:
+            rows = np.repeat(np.arange(self.matrix.shape[0]), np.diff(self.indptr))
+            values = self._npmi_of(self.matrix.data.astype(np.float64), rows, self.indices)
+            self._positive_npmi = np.maximum(values, 0.0).astype(np.float32)
+        return self._positive_npmi
 
     @classmethod
     def from_vocab(cls, matrix: sp.csr_matrix, vocab: Vocabulary,
@@ -56,7 +69,10 @@ class CooccurrenceStats:
         return np.asarray(self.matrix[np.asarray(a), np.asarray(b)], dtype=np.float64).ravel()
 
     def npmi(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        counts = self.pair_counts(a, b)
+        """NPMI of the code pairs ``(a[i], b[i])`` over training visits, in ``[-1, 1]``."""
+        return self._npmi_of(self.pair_counts(a, b), a, b)
+
+    def _npmi_of(self, counts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         n = self.n_visits
         with np.errstate(divide="ignore", invalid="ignore"):
             p_ab = counts / n
@@ -109,12 +125,16 @@ class CooccurrenceBias:
     """Per-row running co-occurrence sums of the current visit and the logit bias they give."""
 
     def __init__(self, stats: CooccurrenceStats, batch: int, vocab_size: int,
-                 alpha: float, normalize: bool = False) -> None:
+                 alpha: float, normalize: bool = False, kind: str = "count") -> None:
+        if kind not in ("count", "npmi"):
+            raise ValueError(f"co-occurrence bias {kind!r}: use count or npmi")
         self.stats = stats
         self.alpha = np.float32(alpha)
         self.normalize = normalize
+        self.kind = kind
         self.acc = np.zeros((batch, stats.code_counts.size), dtype=np.float32)
         self.bias = np.zeros((batch, vocab_size), dtype=np.float32)
+        self.in_visit = np.zeros(batch, dtype=np.float32)  # codes so far in the current visit
         self.offset = stats.n_special
 
     def add(self, rows: np.ndarray, tokens: np.ndarray) -> None:
@@ -126,11 +146,19 @@ class CooccurrenceBias:
         starts, ends = st.indptr[codes], st.indptr[codes + 1]
         lengths = ends - starts
         total = int(lengths.sum())
+        self.in_visit[rows] += 1.0
+        if self.kind == "npmi":
+            # the mean over the visit's codes changes on every column of the row
+            if total:
+                flat, row_rep = self._entries(starts, lengths, rows, total)
+                self.acc[row_rep, st.indices[flat]] += st.positive_npmi[flat]
+            end = self.offset + self.acc.shape[1]
+            self.bias[rows, self.offset:end] = (
+                self.alpha * self.acc[rows] / self.in_visit[rows, None])
+            return
         if total == 0:
             return
-        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        flat = np.repeat(starts, lengths) + (np.arange(total) - first)
-        row_rep = np.repeat(rows, lengths)
+        flat, row_rep = self._entries(starts, lengths, rows, total)
         cols = st.indices[flat]
         # (row, col) pairs are unique: one code per row per call, CSR rows have unique columns.
         values = st.data[flat]
@@ -140,12 +168,22 @@ class CooccurrenceBias:
         self.acc[row_rep, cols] += values
         self.bias[row_rep, cols + self.offset] = self.alpha * np.log1p(self.acc[row_rep, cols])
 
+    @staticmethod
+    def _entries(starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+                 total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in the CSR arrays of the rows' stored entries, and the batch row of each."""
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        flat = np.repeat(starts, lengths) + (np.arange(total) - first)
+        return flat, np.repeat(rows, lengths)
+
     def reset(self, rows: np.ndarray) -> None:
         """Rows ``rows`` closed their visit."""
         if rows.size:
             self.acc[rows] = 0.0
             self.bias[rows] = 0.0
+            self.in_visit[rows] = 0.0
 
     def take(self, rows: np.ndarray) -> None:
         self.acc = self.acc[rows]
         self.bias = self.bias[rows]
+        self.in_visit = self.in_visit[rows]

@@ -112,7 +112,8 @@ class GenerationRequest(_Strict):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the strategy (validated against it): "
         "every strategy takes `temperature`, `top_k`, `top_p`, `max_visits`, "
-        "`max_codes_per_visit`; `cooccurrence` adds `alpha`, `keep_visit_length`, `normalize`; "
+        "`max_codes_per_visit`; `cooccurrence` adds `alpha`, `bias`, `keep_visit_length`, "
+        "`normalize`; "
         "`rerank` adds `candidates`, `coherence_weight`, `per_token`, `selection`; "
         "`retrieve_edit` adds "
         "`keep_fraction`, `neighbors`, `min_distance`, `max_retries`.",
