@@ -1,4 +1,4 @@
-"""The protocol driver (training/evaluate.py) and the report (training/report.py) on a small
+"""The protocol driver (training/evaluate.py) and the report (training/report/) on a small
 cohort with a stand-in generator."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from training.evaluate import (
     protocol_demographics,
     run_protocol,
 )
-from training.report import markdown_table, print_table, write_report
+from training.report import write_report
+from training.report.tables import markdown_table, print_table
 
 pytest.importorskip("matplotlib")
 

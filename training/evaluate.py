@@ -43,7 +43,8 @@ from app.evaluation.protocol import (
     independent_marginals_sampler,
     real_floor_sample,
 )
-from training.report import BASELINE, FLOOR, print_table, write_report
+from training.report import write_report
+from training.report.tables import BASELINE, FLOOR, print_table
 
 if TYPE_CHECKING:
     from app.runtime.generation import GenerationService
