@@ -55,7 +55,7 @@ from training.evaluate import (
     protocol_cohorts,
     protocol_demographics,
 )
-from training.report import markdown_table
+from training.report.tables import markdown_table
 
 DATA = {"uci": ROOT.parent / "shared" / "data" / "uci-diabetes-130"}
 TABLE = ("jsd", "top100_overlap", "unigram_r2", "bigram_r2", "sequential_r2", "tail_jsd",
