@@ -164,8 +164,9 @@ def generate_halo(model: Halo, data: HaloData, demographics: Sequence[tuple[floa
                 p = torch.sigmoid(logits[:, i])
                 bit = (torch.rand(b, generator=gen) < p).float()
                 bits[:, i] = bit
-                if bit.any():
-                    logits = logits + bit[:, None] * weight[:, i][None, :]
+                rows = torch.nonzero(bit).ravel()
+                if rows.numel():  # only the rows that set bit i change (codes are sparse)
+                    logits[rows] += weight[:, i][None, :]
             ended = bits[:, 0] > 0
             for r in range(b):
                 if done[r] or ended[r]:
