@@ -60,7 +60,7 @@ def manifest_facts(out: Path) -> dict[str, object]:
             "windowed": long.get("patients_windowed", long.get("patients_cut")),
             "windows": long.get("windows", "-"),
             "visits_kept": (f"{long['visits_kept']:,} / {long['visits_total']:,}"
-                            if "visits" in long else "-")}
+                            if "visits_total" in long else "-")}
 
 
 def _fmt(value: object) -> str:

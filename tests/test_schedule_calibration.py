@@ -114,6 +114,65 @@ def test_fit_matches_the_training_visit_histogram():
         before, abs=0.05)
 
 
+def test_fitted_temperature_is_the_default_of_calibrated_strategies():
+    rng = np.random.default_rng(4)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[(i + j) % 10], CODES[(i + 3 * j + 1) % 10])
+                           for j in range(int(rng.integers(1, 4)))))
+             for i in range(300)]
+    vocab = Vocabulary.from_patients(train)
+    from app.decoding import RetrievalIndex
+
+    index = RetrievalIndex.from_patients(train, vocab)
+    demo = [(50.0, "F")] * 120
+
+    def run(calibration, strategy="plain", params=None):
+        engine = Engine(RandomStepModel(len(vocab), seed=5), vocab, retrieval=index,
+                        max_visits=4, max_codes_per_visit=3, max_length=32,
+                        calibration=calibration)
+        return engine.generate(demo, strategy, params=params, seed=3)
+
+    cold = StopCalibration(temperature=0.5)  # no offsets: only the temperature
+    assert not cold.empty
+    fitted = run(cold)
+    assert fitted.params["temperature"] == 0.5
+    assert fitted.to_json() == run(None, params={"temperature": 0.5}).to_json()
+    assert fitted.to_json() != run(None).to_json()
+    # a request that sets a temperature gets it, 1.0 included
+    assert run(cold, params={"temperature": 1.0}).to_json() == run(None).to_json()
+    # retrieve_edit decodes uncalibrated, at its own default
+    keep = {"min_distance": 0.0, "max_retries": 5}
+    assert run(cold, "retrieve_edit", keep).to_json() == run(None, "retrieve_edit", keep).to_json()
+    again = StopCalibration.from_dict(cold.to_dict())
+    assert again.temperature == 0.5 and StopCalibration().empty
+    with pytest.raises(ValueError):
+        StopCalibration(temperature=0.0)
+
+
+def test_fit_calibration_keeps_one_unless_another_wins_by_the_margin():
+    from training.calibrate import TEMPERATURE_MARGIN, fit_calibration
+
+    rng = np.random.default_rng(0)
+    train = [Patient(f"t{i}", float(rng.integers(20, 80)), "FM"[i % 2],
+                     tuple((CODES[j % 10], CODES[(j + i) % 10])
+                           for j in range(int(rng.integers(1, 4)))))
+             for i in range(1200)]
+    val = train[:400]
+    vocab = Vocabulary.from_patients(train)
+    engine = Engine(RandomStepModel(len(vocab), seed=3), vocab, max_visits=4,
+                    max_codes_per_visit=3, max_length=32, batch_size=256)
+    cal = fit_calibration(engine, val, 400, train, temperatures=[1.0, 0.5], seed=1)
+    tried = {t["temperature"]: t["score"] for t in cal.info["temperature"]["tried"]}
+    assert set(tried) == {1.0, 0.5}
+    if cal.temperature == 0.5:
+        assert tried[0.5] > tried[1.0] + TEMPERATURE_MARGIN
+    else:
+        assert cal.temperature == 1.0 and tried[0.5] <= tried[1.0] + TEMPERATURE_MARGIN
+    assert engine.calibration is cal or (cal.empty and engine.calibration is None)
+    # the stop offsets were fitted at the chosen temperature
+    assert cal.info["iterations"]
+
+
 # -- fast loss head ---------------------------------------------------------------------------
 def test_target_log_probs_equal_the_full_distribution():
     torch = pytest.importorskip("torch")

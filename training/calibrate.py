@@ -23,7 +23,16 @@ from app.decoding.calibration import StopCalibration, hazards
 from app.decoding.engine import Engine, length_limits
 from app.evaluation.structure import ks_visits_per_patient
 
-__all__ = ["calibrate_bundle", "fit_stop_calibration", "length_histograms"]
+__all__ = ["TEMPERATURES", "calibrate_bundle", "fit_calibration", "fit_stop_calibration",
+           "length_histograms"]
+
+# Temperatures tried by :func:`fit_calibration` (1.0 first: the model as trained). On the
+# mimic3-scale validation split 0.95 gave bigram R2 0.604 against 0.567 at 1.0 and 0.491 at
+# 1.05 (bench/strategy_sweep_results.md); above 1 only flattens further.
+TEMPERATURES = (1.0, 0.95, 0.9)
+# A temperature other than 1.0 must beat it by this much of the selection score: one draw's
+# noise (+-0.005 on UCI) must not move the default.
+TEMPERATURE_MARGIN = 0.005
 
 
 def length_histograms(patients: Sequence[Patient]) -> tuple[Counter, Counter]:
@@ -52,8 +61,9 @@ def _step(offsets: np.ndarray, target: Counter, generated: Counter, min_at_risk:
 def fit_stop_calibration(engine: Engine, demographics: Sequence[tuple[float, str]],
                          train: Sequence[Patient], *, iterations: int = 3, seed: int = 0,
                          min_at_risk: float = 30.0, max_offset: float = 4.0,
-                         log: Any = None) -> StopCalibration:
-    """Offsets that make the engine's plain cohorts stop like the training split.
+                         log: Any = None, temperature: float = 1.0) -> StopCalibration:
+    """Offsets that make the engine's plain cohorts, sampled at ``temperature``, stop like
+    the training split (the result carries that temperature).
 
     ``engine.calibration`` is replaced while fitting and left at the result.
     """
@@ -67,7 +77,8 @@ def fit_stop_calibration(engine: Engine, demographics: Sequence[tuple[float, str
     for it in range(iterations + 1):
         engine.calibration = None if calibration.empty else calibration
         tried.append(calibration)
-        cohort = engine.generate(list(demographics), "plain", seed=seed + it).patients
+        cohort = engine.generate(list(demographics), "plain", {"temperature": temperature},
+                                 seed=seed + it).patients
         g_visits, g_codes = length_histograms(cohort)
         ks = ks_visits_per_patient(reference, cohort)
         single = g_visits.get(1, 0) / max(len(cohort), 1)
@@ -75,8 +86,9 @@ def fit_stop_calibration(engine: Engine, demographics: Sequence[tuple[float, str
                         "single_visit_share": single,
                         "visits_per_patient": float(np.mean([len(p.visits) for p in cohort]))})
         if log is not None:
-            log(f"stop calibration {it}: KS visits/patient vs train {ks:.4f}, single-visit "
-                f"share {single:.3f} (train {t_visits.get(1, 0) / len(reference):.3f})")
+            log(f"stop calibration {it} (temperature {temperature:g}): KS visits/patient vs "
+                f"train {ks:.4f}, single-visit share {single:.3f} (train "
+                f"{t_visits.get(1, 0) / len(reference):.3f})")
         if it == iterations:
             break
         end_patient = _step(end_patient, t_visits, g_visits, min_at_risk, max_offset)
@@ -90,15 +102,63 @@ def fit_stop_calibration(engine: Engine, demographics: Sequence[tuple[float, str
             "target": "training split histograms", "demographics": "validation split",
             "min_at_risk": min_at_risk, "max_offset": max_offset,
             "train_single_visit_share": t_visits.get(1, 0) / len(reference)}
-    result = StopCalibration(calibration.end_patient, calibration.end_visit, info)
+    result = StopCalibration(calibration.end_patient, calibration.end_visit, info,
+                             temperature)
+    engine.calibration = None if result.empty else result
+    return result
+
+
+def fit_calibration(engine: Engine, val: Sequence[Patient], n: int,
+                    train: Sequence[Patient], *, temperatures: Sequence[float] = TEMPERATURES,
+                    seed: int = 0, log: Any = None) -> StopCalibration:
+    """The stop calibration at the best of ``temperatures`` on the validation split.
+
+    For each temperature the stop offsets are fitted (:func:`fit_stop_calibration`, on ``val``'s
+    demographics cycled to ``n``), then one more cohort at that temperature, with those offsets,
+    is scored against ``val`` by training's selection score (bigram and unigram R2, KS of visits
+    per patient: :func:`training.fidelity.fidelity_score`). The first temperature (1.0 by
+    default) is kept unless another beats it by ``TEMPERATURE_MARGIN``. Validation only: the
+    test split is never read. ``engine.calibration`` is left at the result.
+    """
+    from training.fidelity import cycled_demographics, validation_fidelity
+
+    demographics = cycled_demographics(val, n)
+    fits: list[tuple[float, StopCalibration, dict[str, float]]] = []
+    for temperature in temperatures:
+        calibration = fit_stop_calibration(engine, demographics, train, seed=seed, log=log,
+                                           temperature=temperature)
+        scored = validation_fidelity(engine, val, seed=seed + 101, min_generated=n,
+                                     params={"temperature": temperature})
+        fits.append((temperature, calibration, scored))
+        if log is not None:
+            log(f"temperature {temperature:g}: validation bigram R2 {scored['bigram_r2']:.4f}, "
+                f"unigram R2 {scored['unigram_r2']:.4f}, KS visits "
+                f"{scored['ks_visits_per_patient']:.4f}, score {scored['score']:.4f}")
+        if len(temperatures) == 1:
+            break
+    chosen = fits[0]
+    for fit in fits[1:]:
+        if fit[2]["score"] > max(chosen[2]["score"], fits[0][2]["score"] + TEMPERATURE_MARGIN):
+            chosen = fit
+    temperature, calibration, _ = chosen
+    info = {**calibration.info, "temperature": {
+        "chosen": temperature, "margin": TEMPERATURE_MARGIN,
+        "tried": [{"temperature": t, **{k: round(float(v), 5) for k, v in m.items()
+                                         if k in ("bigram_r2", "unigram_r2", "score",
+                                                  "ks_visits_per_patient",
+                                                  "ks_codes_per_visit")}}
+                  for t, _, m in fits]}}
+    result = StopCalibration(calibration.end_patient, calibration.end_visit, info, temperature)
     engine.calibration = None if result.empty else result
     return result
 
 
 def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequence[Patient],
                      *, patients: int = 8000, seed: int = 0, threads: int = 1,
+                     temperatures: Sequence[float] = TEMPERATURES,
                      log: Any = None) -> StopCalibration:
-    """Fit (or refit) a bundle's stop calibration from its torch weights and register it.
+    """Fit (or refit) a bundle's calibration (stop offsets and temperature:
+    :func:`fit_calibration`) from its torch weights and register it.
 
     ``val`` and ``train`` are the bundle's validation and training splits (the caller reloads
     the corpus and checks it against the manifest). Writes ``calibration.json`` and records
@@ -110,7 +170,7 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
     from app.decoding.calibration import CALIBRATION_FILE
     from app.windows import WindowRule
     from training.bundle import add_bundle_file, write_manifest
-    from training.fidelity import cycled_demographics, sample_engine, validation_subsample
+    from training.fidelity import sample_engine, validation_subsample
     from training.model import HierBart
 
     torch.set_num_threads(max(1, threads))
@@ -121,8 +181,8 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
     engine = sample_engine(model, bundle.vocab, max_visits=max_visits, max_codes=max_codes,
                            windows=WindowRule.from_manifest(bundle.manifest))
     real = validation_subsample(val, patients, seed + 29)
-    calibration = fit_stop_calibration(engine, cycled_demographics(real, patients),
-                                       train, seed=seed, log=log)
+    calibration = fit_calibration(engine, real, patients, train, temperatures=temperatures,
+                                  seed=seed, log=log)
     calibration.save(bundle_dir / CALIBRATION_FILE)
     add_bundle_file(bundle_dir, CALIBRATION_FILE)
     manifest = read_manifest(bundle_dir)

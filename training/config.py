@@ -191,6 +191,9 @@ class TrainConfig(_Json):
     calibrate: bool = True  # fit the stop calibration (app.decoding.calibration) at the end
     # demographics per calibration sample: validation patients, cycled up to this many
     calibration_patients: int = 8000
+    # sampling temperatures the calibration tries on validation (training.calibrate
+    # .fit_calibration: the first is kept unless another wins by a margin); [1.0]: none
+    calibration_temperatures: list[float] = Field(default_factory=lambda: [1.0, 0.95, 0.9])
     device: str = "cpu"  # "cuda" trains on a CUDA GPU where one is present
     # Small-cell suppression (every bundle): codes carried by fewer training patients are
     # left out of the vocabulary (many data-sharing agreements use 11).
@@ -203,6 +206,13 @@ class TrainConfig(_Json):
     dp_stats_fraction: float = 0.1  # share of epsilon spent on the released statistics
     dp_max_codes_per_patient: int = 8  # contribution bound of the released code counts
     dp_max_noise_multiplier: float = 20.0  # above this the model would learn nothing useful
+
+    @field_validator("calibration_temperatures")
+    @classmethod
+    def _temperatures(cls, values: list[float]) -> list[float]:
+        if not values or not all(0.0 < t <= 10.0 for t in values):
+            raise ValueError("calibration_temperatures: give at least one, each in (0, 10]")
+        return values
 
 
 class RunConfig(_Json):

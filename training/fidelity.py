@@ -68,11 +68,13 @@ def cycled_demographics(patients: Sequence[Patient], n: int) -> list[tuple[float
 
 def validation_fidelity(engine: Engine, real: Sequence[Patient], seed: int,
                         min_generated: int = 0,
-                        train: Sequence[Patient] | None = None) -> dict[str, float]:
+                        train: Sequence[Patient] | None = None,
+                        params: dict[str, Any] | None = None) -> dict[str, float]:
     """Protocol metrics of a plain cohort conditioned on ``real``'s demographics (one-to-one,
     cycled to at least ``min_generated`` patients; the metrics are per-visit prevalences).
 
-    With ``train``, the cohort is drawn after one step of the stop calibration towards the
+    ``params``: the plain strategy's parameters (a temperature, say). With ``train``, the
+    cohort is drawn after one step of the stop calibration towards the
     training split's histograms (:func:`training.calibrate.fit_stop_calibration`), as the
     bundle will be: otherwise the visit-count KS, which the calibration fixes afterwards,
     swings by +-0.05 between epochs and decides the selection by sampling noise.
@@ -84,7 +86,7 @@ def validation_fidelity(engine: Engine, real: Sequence[Patient], seed: int,
 
         fit_stop_calibration(engine, demographics, train, iterations=1, seed=seed + 1)
     sampled = time.perf_counter()
-    cohort = engine.generate(demographics, "plain", seed=seed).patients
+    cohort = engine.generate(demographics, "plain", params, seed=seed).patients
     sample_seconds = time.perf_counter() - sampled
     out = {"bigram_r2": bigram_r2(real, cohort), "unigram_r2": unigram_r2(real, cohort),
            "ks_visits_per_patient": ks_visits_per_patient(real, cohort),

@@ -31,7 +31,7 @@ from app.decoding.calibration import CALIBRATION_FILE
 from app.vocab import Vocabulary
 from app.windows import CONTEXT_VISITS, MANIFEST_KEY, RULE_TRUNCATE, RULE_WINDOWS, WindowRule
 from training.bundle import add_bundle_file, corpus_hash, write_bundle, write_manifest
-from training.calibrate import fit_stop_calibration
+from training.calibrate import fit_calibration
 from training.config import ObjectiveConfig, RunConfig, TrainConfig
 from training.dataset import (
     EncodedPatient,
@@ -42,7 +42,6 @@ from training.dataset import (
     length_batches,
 )
 from training.fidelity import (
-    cycled_demographics,
     sample_engine,
     validation_fidelity,
     validation_subsample,
@@ -304,12 +303,13 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         else:
             score = val_gen[tc.monitor]
         # what follows training: the test evaluation (two passes) and the calibration's
-        # samples (four of up to calibration_patients validation demographics)
+        # samples (per temperature: four to fit the stop offsets and one to score them, of up
+        # to calibration_patients validation demographics)
         n_cal = tc.calibration_patients or len(split.val)
         n_fid = max(tc.fidelity_patients, len(fid_real))
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
-            4 * fidelity["sample_seconds"] * n_cal / max(n_fid, 1)
-            if fidelity and tc.calibrate else 0.0)
+            5 * len(tc.calibration_temperatures) * fidelity["sample_seconds"] * n_cal
+            / max(n_fid, 1) if fidelity and tc.calibrate else 0.0)
         improved, selected = _judge(score, best_score, higher_is_better, tc)
         if selected:
             best_epoch = epoch
@@ -371,9 +371,9 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     if tc.calibrate and not private:
         cal_real = validation_subsample(split.val, tc.calibration_patients, tc.seed + 29)
         engine = sample_engine(model, vocab, **limits, windows=window_rule)
-        calibration = fit_stop_calibration(
-            engine, cycled_demographics(cal_real, tc.calibration_patients),
-            train_patients, seed=EVAL_SEED, log=log)
+        calibration = fit_calibration(engine, cal_real, tc.calibration_patients,
+                                      train_patients, temperatures=tc.calibration_temperatures,
+                                      seed=EVAL_SEED, log=log)
     model.cpu()
     wall = elapsed_before + time.perf_counter() - started
     best = history[best_epoch] if 0 <= best_epoch < len(history) else {}

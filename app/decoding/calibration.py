@@ -16,6 +16,12 @@ applied by the engine to every strategy that generates from the demographics alo
 ``cooccurrence``, ``rerank``), in the service as in evaluation. ``retrieve_edit`` decodes from a
 retrieved patient's prompt, which already carries its visit count, so it runs uncalibrated. An
 empty calibration changes nothing.
+
+The calibration may also carry a sampling **temperature** fitted on the validation split
+(``training.calibrate.fit_temperature``): a model trained by maximum likelihood with dropout is
+often a little under-confident, which spreads probability over unlikely code pairs. The engine
+uses it as the default temperature of the same strategies (a request that sets ``temperature``
+gets exactly what it asked for); 1.0, the default, changes nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class StopCalibration:
     end_patient: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     end_visit: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     info: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # default sampling temperature of the calibrated strategies
 
     def __post_init__(self) -> None:
         self.end_patient = np.asarray(self.end_patient, dtype=np.float32).reshape(-1)
@@ -71,10 +78,19 @@ class StopCalibration:
             values = getattr(self, name)
             if not np.isfinite(values).all():
                 raise ValueError(f"stop calibration: {name} holds non-finite offsets")
+        self.temperature = float(self.temperature)
+        if not (np.isfinite(self.temperature) and 0.0 < self.temperature <= 10.0):
+            raise ValueError(f"stop calibration: temperature {self.temperature} is not in "
+                             "(0, 10]")
+
+    @property
+    def has_offsets(self) -> bool:
+        return bool(np.any(self.end_patient) or np.any(self.end_visit))
 
     @property
     def empty(self) -> bool:
-        return not (np.any(self.end_patient) or np.any(self.end_visit))
+        """True when it changes nothing: no offset and temperature 1."""
+        return not self.has_offsets and self.temperature == 1.0
 
     @staticmethod
     def _lookup(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -86,7 +102,7 @@ class StopCalibration:
               in_visit: np.ndarray, n_codes: np.ndarray, eos_id: int,
               end_visit_id: int) -> np.ndarray:
         """``scores`` (log-probs ``[B, V]``) with the offsets added where they apply (a copy)."""
-        if self.empty:
+        if not self.has_offsets:
             return scores
         out = scores.copy()
         rows = np.flatnonzero(after_visit)
@@ -100,7 +116,8 @@ class StopCalibration:
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "end_patient": [float(x) for x in self.end_patient],
-                "end_visit": [float(x) for x in self.end_visit], "info": self.info}
+                "end_visit": [float(x) for x in self.end_visit],
+                "temperature": self.temperature, "info": self.info}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StopCalibration:
@@ -109,7 +126,7 @@ class StopCalibration:
                              f"(expected {FORMAT})")
         return cls(np.asarray(data.get("end_patient", []), dtype=np.float32),
                    np.asarray(data.get("end_visit", []), dtype=np.float32),
-                   dict(data.get("info", {})))
+                   dict(data.get("info", {})), float(data.get("temperature", 1.0)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))

@@ -309,6 +309,15 @@ class Engine:
             required.append(ids)
         return required
 
+    def _with_default_temperature(self, strategy: str, params: PlainParams) -> PlainParams:
+        """``params`` with the bundle's fitted temperature where the request set none (the
+        strategies the stop calibration applies to; ``retrieve_edit`` decodes uncalibrated)."""
+        fitted = self.calibration.temperature if self.calibration is not None else 1.0
+        if (fitted == 1.0 or strategy == "retrieve_edit"
+                or "temperature" in params.model_fields_set):
+            return params
+        return params.model_copy(update={"temperature": fitted})
+
     def _grammar(self, params: PlainParams) -> Grammar:
         max_codes = params.max_codes_per_visit or self.max_codes_per_visit
         if self.windows is None:
@@ -330,7 +339,7 @@ class Engine:
         """Generate one patient per entry of ``demographics`` (see the module docstring)."""
         started = time.perf_counter()
         self.model_seconds = 0.0
-        parsed = parse_params(strategy, params)
+        parsed = self._with_default_temperature(strategy, parse_params(strategy, params))
         if strategy in self.unavailable:
             raise StrategyUnavailableError(
                 f"strategy {strategy!r} is not available: {self.unavailable[strategy]}")

@@ -177,7 +177,7 @@ def parse_params(strategy: str, params: PlainParams | dict[str, Any] | None) -> 
     if isinstance(params, cls):
         return params
     if isinstance(params, PlainParams):
-        params = params.model_dump()
+        params = params.model_dump(exclude_unset=True)  # unset fields keep their defaults
     try:
         return cls.model_validate(params or {})
     except ValidationError as err:

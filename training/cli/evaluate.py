@@ -247,10 +247,14 @@ def calibrate_command(
         help="Data the bundle was trained on (default: the path in its manifest).")] = None,
     patients: Annotated[int, typer.Option(help="Validation demographics in the sample.")] = 8000,
     threads: Annotated[int, typer.Option(help="Torch threads.")] = 1,
+    temperatures: Annotated[str, typer.Option(
+        help="Sampling temperatures to try on validation, the first kept unless another "
+             "wins by a margin ('1' fits the stop offsets only).")] = "1,0.95,0.9",
 ) -> None:
-    """Fit the bundle's stop calibration (visits per patient, codes per visit) on the
-    validation split's demographics against the training split's histograms. Training does
-    this by itself; use it for a bundle trained without it."""
+    """Fit the bundle's calibration on the validation split's demographics: the stop offsets
+    (visits per patient, codes per visit, against the training split's histograms) and the
+    sampling temperature. Training does this by itself; use it for a bundle trained without
+    it, or to refit."""
     from app.bundle import BundleError, read_manifest
 
     try:
@@ -263,7 +267,15 @@ def calibrate_command(
 
     split = split_patients(corpus.patients)
     seed = int(((manifest.get("run_config") or {}).get("train") or {}).get("seed") or 0)
+    try:
+        tried = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise fail(f"--temperatures: not a comma-separated list of numbers: {temperatures!r}") \
+            from None
+    if not tried or not all(0.0 < t <= 10.0 for t in tried):
+        raise fail(f"--temperatures: each must be in (0, 10], got {temperatures!r}")
     calibrate_bundle(bundle, split.val, split.train, patients=patients, seed=seed,
-                     threads=threads, log=lambda m: typer.echo(m, err=True))
+                     threads=threads, temperatures=tried,
+                     log=lambda m: typer.echo(m, err=True))
     typer.echo(f"stop calibration written to {bundle}/calibration.json")
 
