@@ -190,6 +190,31 @@ def test_models_endpoint_has_no_training_records(client, gen):
     assert not keys & {"train_index", "patients", "records", "visits"}
 
 
+def test_models_endpoint_shows_the_fitted_temperature_requests_default_to(client, gen):
+    from dataclasses import replace
+
+    from app.decoding.calibration import StopCalibration
+
+    engine = gen.engine
+    saved = engine.calibration
+    assert client.get("/v1/models").json()["default_temperature"] == (
+        saved.temperature if saved is not None else 1.0)
+    engine.calibration = replace(saved or StopCalibration(), temperature=0.7)
+    try:
+        body = client.get("/v1/models").json()
+        assert body["default_temperature"] == 0.7
+        assert body["models"][0]["default_temperature"] == 0.7
+        ask = {"n": 3, "age": 60, "sex": "M", "seed": 11}
+        fitted = client.post("/v1/patients", json=ask).json()["patients"]
+        explicit = client.post("/v1/patients", json={
+            **ask, "params": {"temperature": 0.7}}).json()["patients"]
+        one = client.post("/v1/patients", json={
+            **ask, "params": {"temperature": 1.0}}).json()["patients"]
+        assert fitted == explicit and fitted != one
+    finally:
+        engine.calibration = saved
+
+
 def test_health_ready_metrics(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")

@@ -54,7 +54,10 @@ class PlainParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     temperature: float = Field(1.0, gt=0.0, le=10.0, description=(
-        "Divides the model's logits before sampling; below 1 sharpens, above 1 flattens."))
+        "Divides the model's logits before sampling; below 1 sharpens, above 1 flattens. "
+        "When the request leaves it out, plain, cooccurrence and rerank use the bundle's "
+        "temperature, fitted on its validation split (1.0 unless another was better by a "
+        "margin; GET /v1/models shows it)."))
     top_k: int = Field(0, ge=0, description=(
         "Sample only among the k most likely allowed tokens; 0 keeps all."))
     top_p: float = Field(1.0, gt=0.0, le=1.0, description=(

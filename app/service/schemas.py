@@ -130,5 +130,8 @@ class ModelInfo(BaseModel):
         "with differential privacy, epsilon, delta, accountant, clipping norm, noise multiplier")
     unavailable_strategies: dict[str, str] = Field(
         default_factory=dict, description="Strategies this bundle cannot serve, with the reason")
+    default_temperature: float = Field(
+        1.0, description="Sampling temperature of plain, cooccurrence and rerank when a request "
+        "sets none: fitted on the bundle's validation split by its calibration")
     models: list[ModelInfo] | None = Field(None, description="Every loaded model (the "
                                            "default first).")

@@ -23,6 +23,13 @@ def get_models(state: State) -> Any:
     infos = [ModelInfo(name=name, default=i == 0, bundle_version=g.bundle_version,
                        strategies=list(g.strategies), manifest=g.manifest,
                        evaluation=g.evaluation, privacy=g.manifest.get("privacy"),
-                       unavailable_strategies=dict(getattr(g, "unavailable", {}) or {}))
+                       unavailable_strategies=dict(getattr(g, "unavailable", {}) or {}),
+                       default_temperature=_temperature(g))
              for i, (name, g) in enumerate(named.items())]
     return infos[0].model_copy(update={"models": infos})
+
+
+def _temperature(generator: Any) -> float:
+    """The engine's fitted default temperature (1.0 without a calibration)."""
+    calibration = getattr(getattr(generator, "engine", None), "calibration", None)
+    return float(calibration.temperature) if calibration is not None else 1.0
