@@ -33,20 +33,16 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "app.cli", *args]
 
 
-def _risks(report: dict) -> str:
-    """Anonymeter risks where the report carries them (``synthehr evaluate`` adds them)."""
-    found = []
+RISKS = (("anonymeter_singling_out", "singling out"), ("anonymeter_linkability", "linkability"),
+         ("anonymeter_inference", "inference"))
 
-    def walk(obj, path=""):
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                name = f"{path}.{key}" if path else key
-                if "anonymeter" in name.lower() and isinstance(value, dict) and "risk" in value:
-                    found.append(f"{key} {value['risk']:.3f}")
-                else:
-                    walk(value, name)
-    walk(report)
-    return ", ".join(found) if found else "not in report"
+
+def _risks(row: dict) -> str:
+    """The Anonymeter risks of a report row, each with its confidence interval."""
+    found = [f"{label} {row[key]:.3f} [{row.get(key + '_ci_low', float('nan')):.3f}, "
+             f"{row.get(key + '_ci_high', float('nan')):.3f}]"
+             for key, label in RISKS if isinstance(row.get(key), (int, float))]
+    return "; ".join(found) if found else "not in report"
 
 
 def run_point(eps: str, args: argparse.Namespace) -> dict:
@@ -70,15 +66,21 @@ def run_point(eps: str, args: argparse.Namespace) -> dict:
     subprocess.run(_cli("evaluate", "--bundle", str(out), "--strategies", "plain", "--out",
                         str(report_dir), "--no-progress", "--seed", str(args.seed)),
                    cwd=ROOT, check=True)
-    report = json.loads((report_dir / "report.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
+    return read_point(name, Path(args.out_dir), train_min)
+
+
+def read_point(name: str, out_dir: Path, train_min: float | None) -> dict:
+    """A point's row from its bundle's manifest and its report (``out_dir``/``name`` and
+    ``out_dir``/report-``name``)."""
+    report = json.loads((out_dir / f"report-{name}" / "report.json").read_text())
+    manifest = json.loads((out_dir / name / "manifest.json").read_text())
     dp = (manifest.get("privacy") or {}).get("differential_privacy") or {}
     row = report["rows"]["plain"]
     return {"point": name, "epsilon": dp.get("epsilon"), "noise": dp.get("noise_multiplier"),
             "epochs": manifest["metrics"].get("epochs_run"),
             "stopped_by": manifest["metrics"].get("stopped_by"), "train_min": train_min,
             "codes": manifest["vocabulary"]["codes"],
-            **{k: row.get(k) for k, _ in COLUMNS}, "anonymeter": _risks(report)}
+            **{k: row.get(k) for k, _ in COLUMNS}, "anonymeter": _risks(row)}
 
 
 def table(rows: list[dict]) -> str:
@@ -111,7 +113,15 @@ def main() -> None:
     parser.add_argument("--out-dir", default="models/privacy-curve")
     parser.add_argument("--jobs", type=int, default=1,
                         help="points trained at the same time (give each a core)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of the points already in --out-dir (no training)")
     args = parser.parse_args()
+    if args.table_only:
+        out_dir = Path(args.out_dir)
+        recorded = {r["point"]: r for r in json.loads((out_dir / "curve.json").read_text())}
+        print(table([read_point(name, out_dir, recorded[name].get("train_min"))
+                     for name in recorded]))
+        return
     if not args.preset and not (args.source and args.data):
         parser.error("give --preset or --source and --data")
     points = [eps.strip() for eps in args.epsilons.split(",") if eps.strip()]
