@@ -192,8 +192,10 @@ class TrainConfig(_Json):
     # demographics per calibration sample: validation patients, cycled up to this many
     calibration_patients: int = 8000
     # sampling temperatures the calibration tries on validation (training.calibrate
-    # .fit_calibration: the first is kept unless another wins by a margin); [1.0]: none
-    calibration_temperatures: list[float] = Field(default_factory=lambda: [1.0, 0.95, 0.9])
+    # .fit_calibration: the first is kept unless another wins by a margin). Off by default:
+    # with the stop offsets refitted at each, 1.0 won on UCI and mimic3-scale (lower
+    # temperatures cost bigram R2; bench/fidelity_results.md), so trying others only costs time
+    calibration_temperatures: list[float] = Field(default_factory=lambda: [1.0])
     device: str = "cpu"  # "cuda" trains on a CUDA GPU where one is present
     # Small-cell suppression (every bundle): codes carried by fewer training patients are
     # left out of the vocabulary (many data-sharing agreements use 11).

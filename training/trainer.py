@@ -303,12 +303,13 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         else:
             score = val_gen[tc.monitor]
         # what follows training: the test evaluation (two passes) and the calibration's
-        # samples (per temperature: four to fit the stop offsets and one to score them, of up
-        # to calibration_patients validation demographics)
+        # samples (per temperature four to fit the stop offsets, and one to score them where
+        # there is a temperature to choose, of up to calibration_patients demographics)
         n_cal = tc.calibration_patients or len(split.val)
         n_fid = max(tc.fidelity_patients, len(fid_real))
+        temps = len(tc.calibration_temperatures)
         post_s = eval_s * len(enc_test) / max(len(enc_val), 1) + (
-            5 * len(tc.calibration_temperatures) * fidelity["sample_seconds"] * n_cal
+            (4 if temps == 1 else 5 * temps) * fidelity["sample_seconds"] * n_cal
             / max(n_fid, 1) if fidelity and tc.calibrate else 0.0)
         improved, selected = _judge(score, best_score, higher_is_better, tc)
         if selected:

@@ -56,8 +56,8 @@ class PlainParams(BaseModel):
     temperature: float = Field(1.0, gt=0.0, le=10.0, description=(
         "Divides the model's logits before sampling; below 1 sharpens, above 1 flattens. "
         "When the request leaves it out, plain, cooccurrence and rerank use the bundle's "
-        "temperature, fitted on its validation split (1.0 unless another was better by a "
-        "margin; GET /v1/models shows it)."))
+        "default temperature (GET /v1/models shows it): 1.0 unless its calibration was "
+        "asked to fit one on its validation split and another won there."))
     top_k: int = Field(0, ge=0, description=(
         "Sample only among the k most likely allowed tokens; 0 keeps all."))
     top_p: float = Field(1.0, gt=0.0, le=1.0, description=(

@@ -248,8 +248,8 @@ def calibrate_command(
     patients: Annotated[int, typer.Option(help="Validation demographics in the sample.")] = 8000,
     threads: Annotated[int, typer.Option(help="Torch threads.")] = 1,
     temperatures: Annotated[str, typer.Option(
-        help="Sampling temperatures to try on validation, the first kept unless another "
-             "wins by a margin ('1' fits the stop offsets only).")] = "1,0.95,0.9",
+        help="Sampling temperatures to try on validation, e.g. '1,0.95,0.9': the first is "
+             "kept unless another wins by a margin ('1': the stop offsets only).")] = "1",
 ) -> None:
     """Fit the bundle's calibration on the validation split's demographics: the stop offsets
     (visits per patient, codes per visit, against the training split's histograms) and the
