@@ -70,6 +70,13 @@ def test_recipe_follows_the_corpus():
     size, over, _ = recipe_for(big)
     assert size == "small" and over["model.max_positions"] == 64
     assert over["train.batch_size"] == 64
+    assert "train.lr" not in over
+    # differential privacy: 4x the batch (at most 1,024 and 8 batches an epoch), a higher rate
+    _, dp, dp_reasons = recipe_for(big, dp=True)
+    assert dp["train.batch_size"] == 256 and dp["train.lr"] == 4e-3
+    assert "differential privacy" in dp_reasons["train.batch_size"]
+    _, dp_small, _ = recipe_for(small, dp=True)
+    assert dp_small["train.batch_size"] == 16  # 100 patients: still 8 batches an epoch
 
 
 # -- stop calibration -------------------------------------------------------------------------

@@ -24,14 +24,15 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def default_run_config(corpus: Corpus, size: str = "auto") -> tuple[RunConfig, dict[str, Any]]:
+def default_run_config(corpus: Corpus, size: str = "auto", dp: bool = False
+                       ) -> tuple[RunConfig, dict[str, Any]]:
     """The run config for ``corpus`` and how it was chosen (recorded in the manifest).
 
     ``size="auto"`` picks the size from the corpus (:func:`training.sizing.recipe_for`);
-    a named size keeps the rest of the recipe.
+    a named size keeps the rest of the recipe. ``dp``: a differentially private run's recipe.
     """
     profile = corpus_profile(split_patients(corpus.patients).train)
-    auto_size, overrides, reasons = recipe_for(profile)
+    auto_size, overrides, reasons = recipe_for(profile, dp=dp)
     chosen = auto_size if size == "auto" else size
     if chosen not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose auto or one of {', '.join(SIZES)}")
@@ -87,7 +88,8 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     if config:
         run, choice = RunConfig.load(config), {"size": "config file", "path": str(config)}
     else:
-        run, choice = default_run_config(corpus, size)
+        dp = bool((overrides or {}).get("train.dp_epsilon"))
+        run, choice = default_run_config(corpus, size, dp=dp)
     cli: dict[str, Any] = dict(overrides or {})
     for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size),
                        ("train.seed", seed), ("train.threads", threads),
