@@ -17,11 +17,11 @@ applied by the engine to every strategy that generates from the demographics alo
 retrieved patient's prompt, which already carries its visit count, so it runs uncalibrated. An
 empty calibration changes nothing.
 
-The calibration may also carry a sampling **temperature** fitted on the validation split
-(``training.calibrate.fit_temperature``): a model trained by maximum likelihood with dropout is
-often a little under-confident, which spreads probability over unlikely code pairs. The engine
-uses it as the default temperature of the same strategies (a request that sets ``temperature``
-gets exactly what it asked for); 1.0, the default, changes nothing.
+The calibration may also carry a sampling **temperature** chosen on the validation split
+(``training.calibrate.fit_calibration``, when training or ``synthehr calibrate`` is asked to try
+several), for a model that is under- or over-confident. The engine uses it as the default
+temperature of the same strategies (a request that sets ``temperature`` gets exactly what it
+asked for); 1.0, the default, changes nothing.
 """
 
 from __future__ import annotations

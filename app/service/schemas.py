@@ -132,6 +132,6 @@ class ModelInfo(BaseModel):
         default_factory=dict, description="Strategies this bundle cannot serve, with the reason")
     default_temperature: float = Field(
         1.0, description="Sampling temperature of plain, cooccurrence and rerank when a request "
-        "sets none: fitted on the bundle's validation split by its calibration")
+        "sets none: 1.0 unless the bundle's calibration chose another on its validation split")
     models: list[ModelInfo] | None = Field(None, description="Every loaded model (the "
                                            "default first).")
