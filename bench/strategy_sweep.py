@@ -33,15 +33,9 @@ if str(ROOT) not in sys.path:
 
 from app.bundle import read_manifest
 from app.decoding.engine import Engine
-from app.evaluation import (
-    bigram_r2,
-    code_jsd,
-    ks_codes_per_visit,
-    ks_visits_per_patient,
-    unigram_r2,
-)
+from app.evaluation import code_jsd
 from training.cli.evaluate import load_bundle_corpus
-from training.fidelity import fidelity_score, validation_subsample
+from training.fidelity import cohort_fidelity, validation_subsample
 from training.splits import split_patients
 
 RESULTS = ROOT / "bench" / "strategy_sweep_results.md"
@@ -68,13 +62,9 @@ COLUMNS = ("bigram_r2", "unigram_r2", "jsd", "ks_visits_per_patient", "ks_codes_
 
 
 def score_cohort(real, cohort) -> dict[str, float]:
-    """The sweep's metrics of ``cohort`` against the validation patients ``real``."""
-    out = {"bigram_r2": bigram_r2(real, cohort), "unigram_r2": unigram_r2(real, cohort),
-           "jsd": code_jsd(real, cohort),
-           "ks_visits_per_patient": ks_visits_per_patient(real, cohort),
-           "ks_codes_per_visit": ks_codes_per_visit(real, cohort)}
-    out["score"] = fidelity_score(out)
-    return out
+    """The sweep's metrics of ``cohort`` against the validation patients ``real``: training's
+    selection metrics and score, and the code JSD."""
+    return {**cohort_fidelity(real, cohort), "jsd": code_jsd(real, cohort)}
 
 
 def sweep(bundle: Path, grid: list[dict], patients: int, seed: int, threads: int,

@@ -26,7 +26,7 @@ from app.evaluation.structure import ks_codes_per_visit, ks_visits_per_patient
 from app.vocab import Vocabulary
 from app.windows import WindowRule
 
-__all__ = ["cycled_demographics", "fidelity_score", "sample_engine", "validation_fidelity", "validation_subsample"]
+__all__ = ["cohort_fidelity", "cycled_demographics", "fidelity_score", "sample_engine", "validation_fidelity", "validation_subsample"]
 
 
 def validation_subsample(patients: Sequence[Patient], n: int, seed: int) -> list[Patient]:
@@ -54,6 +54,18 @@ def fidelity_score(metrics: dict[str, float]) -> float:
     """The selection score of :func:`validation_fidelity`'s metrics (higher is better)."""
     return 0.5 * (metrics["bigram_r2"] + metrics["unigram_r2"]) \
         - 0.5 * metrics["ks_visits_per_patient"]
+
+
+def cohort_fidelity(real: Sequence[Patient], cohort: Sequence[Patient]) -> dict[str, float]:
+    """The selection's metrics of ``cohort`` against ``real`` (bigram and unigram R2, the KS of
+    visits per patient and codes per visit, mean visits per patient) and its ``score``."""
+    out = {"bigram_r2": bigram_r2(real, cohort), "unigram_r2": unigram_r2(real, cohort),
+           "ks_visits_per_patient": ks_visits_per_patient(real, cohort),
+           "ks_codes_per_visit": ks_codes_per_visit(real, cohort),
+           "visits_per_patient": float(np.mean([len(p.visits) for p in cohort])),
+           "n": len(real)}
+    out["score"] = fidelity_score(out)
+    return out
 
 
 def cycled_demographics(patients: Sequence[Patient], n: int) -> list[tuple[float, str]]:
@@ -88,12 +100,7 @@ def validation_fidelity(engine: Engine, real: Sequence[Patient], seed: int,
     sampled = time.perf_counter()
     cohort = engine.generate(demographics, "plain", params, seed=seed).patients
     sample_seconds = time.perf_counter() - sampled
-    out = {"bigram_r2": bigram_r2(real, cohort), "unigram_r2": unigram_r2(real, cohort),
-           "ks_visits_per_patient": ks_visits_per_patient(real, cohort),
-           "ks_codes_per_visit": ks_codes_per_visit(real, cohort),
-           "visits_per_patient": float(np.mean([len(p.visits) for p in cohort])),
-           "n": len(real)}
-    out["score"] = fidelity_score(out)
+    out = cohort_fidelity(real, cohort)
     out["seconds"] = time.perf_counter() - started
     out["sample_seconds"] = sample_seconds  # one cohort's draw
     return out

@@ -57,9 +57,11 @@ def _pyplot():
     return plt
 
 
-def _grid(n: int, cols: int = 3) -> tuple[int, int]:
+def _panels(plt, n: int, cols: int = 3):
+    """``(figure, axes)`` of ``n`` cohort panels, ``cols`` to a row (axes always 2-D)."""
     cols = max(1, min(cols, n))
-    return (n + cols - 1) // cols, cols
+    rows = (n + cols - 1) // cols
+    return plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
 
 
 def plot_prevalence(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Patient],
@@ -68,9 +70,7 @@ def plot_prevalence(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pat
     cohort; zeros are drawn on the axis floor (grey)."""
     plt = _pyplot()
     names = list(cohorts)
-    n_rows, n_cols = _grid(len(names))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows),
-                             squeeze=False)
+    fig, axes = _panels(plt, len(names))
     colors = _colors(names)
     n_test_visits = sum(len(p.visits) for p in test)
     for ax, name in zip(axes.flat, names):
@@ -272,9 +272,7 @@ def plot_sequential(cohorts: Mapping[str, Sequence[Patient]], test: Sequence[Pat
 
     plt = _pyplot()
     names = list(cohorts)
-    n_rows, n_cols = _grid(len(names))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows),
-                             squeeze=False)
+    fig, axes = _panels(plt, len(names))
     colors = _colors(names)
     for ax, name in zip(axes.flat, names):
         p_real, p_syn = conditional_probabilities(test, cohorts[name], min_support)
