@@ -21,12 +21,16 @@ from app.corpus import Patient
 from app.icd9.codes import category_of
 from app.icd9.hierarchy import CHAPTERS, chapter_of
 
-__all__ = ["BOS", "END_VISIT", "EOS", "MASK", "PAD", "SPECIAL_TOKENS", "VISIT", "Vocabulary",
-           "code_patient_counts"]
+__all__ = ["BOS", "CODE_ORDERS", "END_VISIT", "EOS", "MASK", "PAD", "SPECIAL_TOKENS", "VISIT",
+           "Vocabulary", "code_patient_counts", "code_rank"]
 
 PAD, BOS, EOS, VISIT, END_VISIT, MASK = "<pad>", "<s>", "</s>", "<v>", "</v>", "<mask>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, VISIT, END_VISIT, MASK)
 FORMAT = "synthehr-vocab-1"
+# order of the codes inside a visit (a visit is a set) in training: "shuffle" (a new permutation
+# every epoch), "hierarchy" (chapter, category, code: the vocabulary order) or "frequency"
+# (commonest training code first). A model trained on a fixed order is decoded under it.
+CODE_ORDERS = ("shuffle", "hierarchy", "frequency")
 
 
 def code_patient_counts(patients: Iterable[Patient]) -> Counter[str]:
@@ -125,3 +129,20 @@ class Vocabulary:
             raise ValueError(f"{path}: special tokens differ from this version's")
         return cls(payload["codes"], np.asarray(payload["counts"], dtype=np.int64),
                    payload["categories"])
+
+
+def code_rank(vocab: Vocabulary, order: str) -> np.ndarray | None:
+    """Sort key per token id for a fixed in-visit order (None for ``shuffle``)."""
+    if order not in CODE_ORDERS:
+        raise ValueError(f"objective.code_order: unknown {order!r}; use one of "
+                         f"{', '.join(CODE_ORDERS)}")
+    if order == "shuffle":
+        return None
+    n = len(vocab)
+    if order == "hierarchy":  # the vocabulary lists codes sorted, i.e. by chapter and category
+        return np.arange(n)
+    counts = np.zeros(n)
+    counts[vocab.n_special:] = np.asarray(vocab.counts, dtype=np.float64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(n)
+    return rank

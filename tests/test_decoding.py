@@ -429,3 +429,76 @@ def test_app_decoding_imports_no_torch() -> None:
 @pytest.mark.parametrize("strategy", ["plain", "cooccurrence", "rerank", "retrieve_edit"])
 def test_empty_request_gives_no_patients(world, strategy) -> None:
     assert _engine(world).generate([], strategy).patients == []
+
+
+def test_two_stage_plan_draws_follow_the_histograms() -> None:
+    from app.decoding.two_stage import LengthPlan
+
+    plan = LengthPlan({1: 60, 2: 30, 3: 10, 0: 5}, {"1": 2, "2": 1})
+    keys = row_keys(11, np.arange(20_000))
+    visits = plan.visits(keys)
+    assert set(np.unique(visits)) == {1, 2, 3}  # zero-length patients are not plans
+    assert np.bincount(visits, minlength=4)[1:] / visits.size == pytest.approx(
+        [0.6, 0.3, 0.1], abs=0.015)
+    codes = plan.codes(keys, np.zeros(keys.size, dtype=np.int64))
+    assert np.mean(codes == 1) == pytest.approx(2 / 3, abs=0.015)
+    # each visit of a row has its own draw, and a row's draws depend on its key only
+    later = plan.codes(keys, np.ones(keys.size, dtype=np.int64))
+    assert not np.array_equal(codes, later)
+    assert np.array_equal(plan.visits(keys[::-1]), visits[::-1])
+    assert LengthPlan.from_stats({"visits_per_patient": {}}) is None
+
+
+@pytest.mark.parametrize("strategy", ["plain", "cooccurrence", "rerank"])
+def test_two_stage_generates_the_planned_lengths(world, strategy) -> None:
+    from app.decoding.two_stage import LengthPlan
+
+    _, vocab, _, _ = world
+    plan = LengthPlan({2: 1, 3: 1}, {2: 1})  # two or three visits of exactly two codes
+    engine = _engine(world, length_plan=plan)
+    demo = [(50.0, "F"), (70.0, "M")] * 40
+    params = {"two_stage": True}
+    result = engine.generate(demo, strategy, params, seed=4)
+    visits = [len(p.visits) for p in result.patients]
+    assert set(visits) == {2, 3}
+    assert all(len(v) == 2 for p in result.patients for v in p.visits)
+    for tokens in result.token_ids:
+        _check_structure(vocab, tokens, 4, 5, 64)
+    # one request alone and the same rows decoded in one batch give the same patients
+    alone = engine.generate(demo[:3], strategy, params, seed=4)
+    assert [p.visits for p in alone.patients] == [p.visits for p in result.patients[:3]]
+    # without the flag the untrained model's own lengths come back
+    free = engine.generate(demo, strategy, seed=4)
+    assert {len(p.visits) for p in free.patients} != {2, 3} or \
+        any(len(v) != 2 for p in free.patients for v in p.visits)
+
+
+def test_two_stage_needs_the_histograms(world) -> None:
+    engine = _engine(world)
+    with pytest.raises(InvalidParametersError, match="two_stage"):
+        engine.generate([(50.0, "F")], "plain", {"two_stage": True}, seed=1)
+
+
+@pytest.mark.parametrize("order", ["hierarchy", "frequency"])
+def test_fixed_code_order_is_decoded_under_that_order(world, order) -> None:
+    from app.vocab import code_rank
+
+    _, vocab, _, _ = world
+    rank = code_rank(vocab, order)
+    engine = _engine(world, code_order=order)
+    demo = _demographics(600, seed=3)
+    result = engine.generate(demo, "plain", seed=9)
+    for tokens in result.token_ids:
+        _check_structure(vocab, tokens, 4, 5, 64)
+    for patient in result.patients:
+        for visit in patient.visits:
+            ranks = [rank[vocab.index[c]] for c in visit]
+            assert ranks == sorted(ranks), (order, visit)
+    # the untrained model, unconstrained, does emit codes out of that order
+    free = _engine(world).generate(demo, "plain", seed=9)
+    assert any([rank[vocab.index[c]] for c in v] != sorted(rank[vocab.index[c]] for c in v)
+               for p in free.patients for v in p.visits)
+    # a required code of low rank stays placeable after higher-ranked ones
+    lowest = min(COMMON, key=lambda c: rank[vocab.index[c]])
+    must = engine.generate([(50.0, "F")] * 200, "plain", seed=2, must_include=[lowest])
+    assert all(any(lowest in v for v in p.visits) for p in must.patients)

@@ -267,6 +267,78 @@ def test_cooccurrence_penalty_and_aux_heads(vocab):
     assert model.code_bias.grad is not None and model.age_head.weight.grad is not None
 
 
+def test_marginal_divergence_is_the_kl_of_the_mean_code_distribution():
+    from training.objective import _marginal_divergence
+
+    n_special = 2
+    # two code positions over three codes (columns after the specials), one non-code position
+    probs = np.array([[0.1, 0.1, 0.4, 0.2, 0.2],
+                      [0.0, 0.2, 0.2, 0.2, 0.4],
+                      [0.5, 0.5, 0.0, 0.0, 0.0]]) + 1e-12
+    target = torch.tensor([2, 4, 0])
+    freq = torch.tensor([0.5, 0.25, 0.25])
+    got = _marginal_divergence(torch.tensor(np.log(probs), dtype=torch.float64), target,
+                               freq.double(), n_special)
+    codes = probs[:2, n_special:] / probs[:2, n_special:].sum(1, keepdims=True)
+    mean = codes.mean(0)
+    f = freq.numpy().astype(np.float64)
+    assert float(got) == pytest.approx(float((f * np.log(f / mean)).sum()), rel=1e-6)
+    assert _marginal_divergence(torch.zeros(1, 5), torch.tensor([1]), freq, n_special) is None
+
+
+def test_marginal_weight_adds_a_term_with_gradient(vocab):
+    from training.objective import code_frequencies
+
+    patients = synthetic_patients(30)
+    model = make_model(vocab)
+    model.train()
+    b = collate(encode_patients(patients, vocab, 64), np.random.default_rng(0),
+                ObjectiveConfig())
+    freq = code_frequencies(np.asarray(vocab.counts) + 1.0)
+    plain = compute_loss(model, b, ObjectiveConfig())
+    out = compute_loss(model, b, ObjectiveConfig(marginal_weight=1.0), None, freq)
+    assert out.parts["marginal"] > 0 and out.loss > plain.loss
+    out.loss.backward()
+    assert model.code_bias.grad is not None and float(model.code_bias.grad.abs().sum()) > 0
+    with pytest.raises(ValueError):
+        code_frequencies(np.zeros(3))
+
+
+def test_contrastive_pretraining_brings_companions_together(vocab):
+    import scipy.sparse as sp
+
+    from training.pretrain import pretrain_code_embeddings
+
+    model = make_model(vocab)
+    n = vocab.n_codes
+    first, second = list(range(n // 2)), list(range(n // 2, n))
+    cooc = np.zeros((n, n))
+    for group in (first, second):  # two groups of codes that only keep their own company
+        for i in group:
+            for j in group:
+                if i != j:
+                    cooc[i, j] = 10.0
+    table = model.token_embed.weight
+    specials_before = table[:vocab.n_special].detach().clone()
+    norm_before = float(table[vocab.n_special:].detach().norm(dim=-1).mean())
+
+    def within_minus_across() -> float:
+        z = torch.nn.functional.normalize(table[vocab.n_special:].detach(), dim=-1)
+        sim = (z @ z.T).numpy()
+        group = np.arange(n) >= n // 2
+        same = group[:, None] == group[None, :]
+        off = ~np.eye(n, dtype=bool)
+        return float(sim[same & off].mean() - sim[~same].mean())
+
+    before = within_minus_across()
+    info = pretrain_code_embeddings(model, sp.csr_matrix(cooc), 60, seed=0, batch_size=64)
+    assert info["last_loss"] < info["first_loss"]
+    assert within_minus_across() > before + 0.3
+    assert torch.equal(table[:vocab.n_special].detach(), specials_before)
+    norm_after = float(table[vocab.n_special:].detach().norm(dim=-1).mean())
+    assert norm_after == pytest.approx(norm_before, rel=1e-4)
+
+
 def test_config_round_trip():
     from training.config import FeatureSpec, RunConfig
 

@@ -203,7 +203,8 @@ def test_target_log_probs_equal_the_full_distribution():
 
 
 def test_code_orders():
-    from training.dataset import code_rank, encode_patients
+    from app.vocab import code_rank
+    from training.dataset import encode_patients
 
     patients = [Patient("a", 40.0, "F", (("4019", "25000"), ("25000",))),
                 Patient("b", 60.0, "M", (("4280", "25000", "4019"),))]

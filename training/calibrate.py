@@ -180,8 +180,10 @@ def calibrate_bundle(bundle_dir: str | Path, val: Sequence[Patient], train: Sequ
     bundle = load_bundle(bundle_dir)
     model = HierBart.from_bundle(bundle_dir)
     max_visits, max_codes = length_limits(bundle.reference_stats or {})
+    objective = (bundle.manifest.get("run_config") or {}).get("objective") or {}
     engine = sample_engine(model, bundle.vocab, max_visits=max_visits, max_codes=max_codes,
-                           windows=WindowRule.from_manifest(bundle.manifest))
+                           windows=WindowRule.from_manifest(bundle.manifest),
+                           code_order=objective.get("code_order", "shuffle"))
     real = validation_subsample(val, patients, seed + 29)
     calibration = fit_calibration(engine, real, patients, train, temperatures=temperatures,
                                   seed=seed, log=log)

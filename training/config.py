@@ -139,6 +139,12 @@ class ObjectiveConfig(_Json):
     age_weight: float = 0.0  # auxiliary age regression weight
     sex_weight: float = 0.0  # auxiliary sex classification weight
     label_smoothing: float = 0.0
+    # moment matching: KL of the training split's code frequencies from the batch-mean
+    # predicted code distribution at code positions (training.objective)
+    marginal_weight: float = 0.0
+    # contrastive pretraining of the code embeddings on the training co-occurrence matrix
+    # before training (training.pretrain; 0: none)
+    contrastive_steps: int = 0
     # order of the codes inside a visit (a visit is a set): "shuffle" (a new permutation every
     # epoch), "hierarchy" (chapter, category, code: the vocabulary order) or "frequency"
     # (commonest training code first)
@@ -153,6 +159,9 @@ class TrainConfig(_Json):
     weight_decay: float = 0.01
     warmup_steps: int = 200  # capped at half an epoch and 5% of the run (training.schedule)
     grad_clip: float = 1.0
+    # exponential moving average of the weights (0: off): validation, selection and the bundle
+    # use the averaged weights, training continues on the raw ones. Not with DP-SGD.
+    ema_decay: float = 0.0
     # epochs without improvement that stop training; counted only once the schedule is this far
     # through (by steps): before it has annealed the learning rate is high and a flat score is
     # expected, and the fidelity score's sampling noise (+-0.02) would stop it by chance

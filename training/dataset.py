@@ -19,17 +19,24 @@ import numpy as np
 import torch
 
 from app.corpus import AGE_CAP, SEX_IDS, Patient
-from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Vocabulary
+from app.vocab import (
+    BOS,
+    END_VISIT,
+    EOS,
+    MASK,
+    PAD,
+    SPECIAL_TOKENS,
+    VISIT,
+    Vocabulary,
+)
 from app.windows import CONTEXT_VISITS, continuation_prompt, fit_context, window_bounds
 from training.config import ObjectiveConfig
 
 __all__ = [
-    "CODE_ORDERS",
     "TOKENS",
     "Batch",
     "EncodedPatient",
     "WindowedEncoding",
-    "code_rank",
     "collate",
     "corrupt",
     "encode_patients",
@@ -74,26 +81,6 @@ class EncodedPatient:
         return self.cut or 2 + sum(len(v) + 2 for v in self.visits)
 
 
-CODE_ORDERS = ("shuffle", "hierarchy", "frequency")
-
-
-def code_rank(vocab: Vocabulary, order: str) -> np.ndarray | None:
-    """Sort key per token id for a fixed in-visit order (None for ``shuffle``)."""
-    if order not in CODE_ORDERS:
-        raise ValueError(f"objective.code_order: unknown {order!r}; use one of "
-                         f"{', '.join(CODE_ORDERS)}")
-    if order == "shuffle":
-        return None
-    n = len(vocab)
-    if order == "hierarchy":  # the vocabulary lists codes sorted, i.e. by chapter and category
-        return np.arange(n)
-    counts = np.zeros(n)
-    counts[vocab.n_special:] = np.asarray(vocab.counts, dtype=np.float64)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(-counts, kind="stable")] = np.arange(n)
-    return rank
-
-
 def _visit_ids(patient: Patient, vocab: Vocabulary,
                rank: np.ndarray | None) -> tuple[list[np.ndarray], list[int]]:
     """The non-empty visits as token ids (in ``rank`` order) and their indices in the patient."""
@@ -114,7 +101,7 @@ def encode_patients(patients: Iterable[Patient], vocab: Vocabulary,
     """Token-id visits of each patient, the earliest that fit ``max_len`` tokens (the
     truncation rule; :func:`encode_windowed` keeps every visit).
 
-    With ``rank`` (:func:`code_rank`) the codes of each visit are stored in that order.
+    With ``rank`` (:func:`app.vocab.code_rank`) the codes of each visit are stored in that order.
     """
     out = []
     for p in patients:

@@ -39,15 +39,15 @@ def validation_subsample(patients: Sequence[Patient], n: int, seed: int) -> list
 
 def sample_engine(model: Any, vocab: Vocabulary, *, max_visits: int, max_codes: int,
                   batch_size: int = 256, calibration: StopCalibration | None = None,
-                  windows: WindowRule | None = None) -> Engine:
-    """The serving engine over the torch model (limits, and the long-patient window rule, as
-    the bundle's engine will have them)."""
+                  windows: WindowRule | None = None, code_order: str = "shuffle") -> Engine:
+    """The serving engine over the torch model (limits, the long-patient window rule and the
+    in-visit code order, as the bundle's engine will have them)."""
     from training.torch_step import TorchStepModel
 
     return Engine(TorchStepModel(model), vocab, max_visits=max_visits,
                   max_codes_per_visit=max_codes, max_length=model.config.max_positions,
                   max_prompt_length=model.config.max_positions, batch_size=batch_size,
-                  calibration=calibration, windows=windows)
+                  calibration=calibration, windows=windows, code_order=code_order)
 
 
 def fidelity_score(metrics: dict[str, float]) -> float:

@@ -10,12 +10,16 @@ teacher-forced on the full patient. The loss is
 inside a visit after at least one code, to codes with **no** training co-occurrence with any
 earlier code of that visit (differentiable, so the model learns to keep mass on plausible
 companions),
+``+ marginal_weight * KL(f || mean p)``: moment matching of the code marginal, with ``f`` the
+training split's code frequencies and ``mean p`` the model's code distribution (renormalised
+over codes) averaged over the batch's code positions,
 ``+ age_weight * MSE(age_head(pooled), age / AGE_SCALE) + sex_weight * CE(sex_head(pooled), sex)``
 with ``pooled`` the mean decoder state over target positions.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,7 +32,7 @@ from training.config import AGE_SCALE, ObjectiveConfig
 from training.dataset import TOKENS, Batch
 from training.model import HierBart
 
-__all__ = ["LossOutput", "compute_loss", "cooc_operator"]
+__all__ = ["LossOutput", "code_frequencies", "compute_loss", "cooc_operator"]
 
 
 @dataclass
@@ -50,6 +54,29 @@ def cooc_operator(matrix: sp.spmatrix) -> torch.Tensor:
         return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
                                        torch.from_numpy(m.indices.astype(np.int64)),
                                        torch.from_numpy(m.data), size=m.shape)
+
+
+def code_frequencies(counts: np.ndarray) -> torch.Tensor:
+    """The moment-matching target: per-code occurrence counts as a distribution (float32)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.sum() <= 0:
+        raise ValueError("code_frequencies: need a non-empty vector of code counts")
+    return torch.from_numpy(counts / counts.sum()).float()
+
+
+def _marginal_divergence(log_probs: torch.Tensor, target: torch.Tensor,
+                         frequencies: torch.Tensor, n_special: int) -> torch.Tensor | None:
+    """``KL(frequencies || mean code distribution)`` over the code positions of a batch."""
+    at_code = target >= n_special
+    if not bool(at_code.any()):
+        return None
+    code_lp = log_probs[at_code][:, n_special:]
+    code_lp = code_lp - torch.logsumexp(code_lp, dim=-1, keepdim=True)
+    n = code_lp.shape[0]
+    mean_lp = torch.logsumexp(code_lp, dim=0) - math.log(n)
+    seen = frequencies > 0
+    f = frequencies[seen]
+    return (f * (f.log() - mean_lp[seen])).sum()
 
 
 def _unsupported_mass_penalty(batch: Batch, log_probs: torch.Tensor, valid: torch.Tensor,
@@ -84,14 +111,19 @@ def _unsupported_mass_penalty(batch: Batch, log_probs: torch.Tensor, valid: torc
 
 
 def compute_loss(model: HierBart, batch: Batch, cfg: ObjectiveConfig,
-                 cooc: torch.Tensor | None = None) -> LossOutput:
-    """Loss and sums for one batch (see the module docstring)."""
+                 cooc: torch.Tensor | None = None,
+                 frequencies: torch.Tensor | None = None) -> LossOutput:
+    """Loss and sums for one batch (see the module docstring). ``cooc``
+    (:func:`cooc_operator`) and ``frequencies`` (:func:`code_frequencies`) are the training
+    split's statistics the regularisers need; without them their terms are left out."""
     h = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.age,
               batch.sex)
     labels = batch.labels
     valid = labels != TOKENS.pad
     target = labels[valid]
-    needs_full = cfg.label_smoothing > 0 or (cfg.cooc_weight > 0 and cooc is not None)
+    use_marginal = cfg.marginal_weight > 0 and frequencies is not None
+    needs_full = cfg.label_smoothing > 0 or (cfg.cooc_weight > 0 and cooc is not None) \
+        or use_marginal
     if needs_full:
         log_probs = model.output_log_probs(h[valid])  # [N, V]
         nll = -log_probs.gather(1, target[:, None]).squeeze(1)
@@ -110,6 +142,11 @@ def compute_loss(model: HierBart, batch: Batch, cfg: ObjectiveConfig,
         if penalty is not None:
             loss = loss + cfg.cooc_weight * penalty
             parts["cooc"] = float(penalty.detach())
+    if use_marginal:
+        divergence = _marginal_divergence(log_probs, target, frequencies, TOKENS.n_special)
+        if divergence is not None:
+            loss = loss + cfg.marginal_weight * divergence
+            parts["marginal"] = float(divergence.detach())
     if model.config.aux_heads and (cfg.age_weight > 0 or cfg.sex_weight > 0):
         w = valid.to(h.dtype)[..., None]
         pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)

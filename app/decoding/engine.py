@@ -82,10 +82,11 @@ from app.decoding.prompt import empty_prompt, pad_prompts, prompt_ids
 from app.decoding.retrieval import RetrievalIndex
 from app.decoding.sampling import row_keys, sample_tokens, uniforms
 from app.decoding.strategies import CooccurrenceBias, CooccurrenceStats
+from app.decoding.two_stage import LengthPlan
 from app.decoding.validity import ValidityMask
 from app.icd9.codes import InvalidCodeError, normalize_code
 from app.icd9.edits import CodeEdits
-from app.vocab import BOS, PAD, Vocabulary
+from app.vocab import BOS, PAD, Vocabulary, code_rank
 from app.windows import WindowRule
 
 __all__ = ["MAX_AGE", "Demographics", "Engine", "GenerationResult"]
@@ -152,7 +153,9 @@ class Engine:
                  edits: CodeEdits | None = None, max_prompt_length: int | None = None,
                  calibration: StopCalibration | None = None,
                  unavailable: dict[str, str] | None = None,
-                 windows: WindowRule | None = None) -> None:
+                 windows: WindowRule | None = None,
+                 length_plan: LengthPlan | None = None,
+                 code_order: str = "shuffle") -> None:
         if getattr(model, "vocab_size", len(vocab)) != len(vocab):
             raise ValueError(f"model has {model.vocab_size} tokens, vocabulary {len(vocab)}")
         if batch_size < 1:
@@ -178,6 +181,11 @@ class Engine:
         # own stop probabilities.
         self.calibration = calibration if calibration is not None and not calibration.empty \
             else None
+        # training histograms for two_stage requests (app.decoding.two_stage); None: refused
+        self.length_plan = length_plan
+        # the in-visit code order the model was trained on: a fixed one is decoded under it
+        self.code_order = code_order
+        self.code_rank = code_rank(vocab, code_order)
         self.model_seconds = 0.0
 
     @classmethod
@@ -219,7 +227,10 @@ class Engine:
             "max_visits": max_visits, "max_codes_per_visit": max_codes,
             "batch_size": batch_size, "calibration": calibration,
             "unavailable": dict(dp.get("unavailable_strategies") or {}),
-            "windows": WindowRule.from_manifest(bundle.manifest)}
+            "windows": WindowRule.from_manifest(bundle.manifest),
+            "length_plan": LengthPlan.from_stats(stats),
+            "code_order": ((bundle.manifest.get("run_config") or {}).get("objective") or {})
+            .get("code_order", "shuffle")}
         options.update(overrides)
         model = OnnxStepModel(bundle.path, intra_op_threads=intra_op_threads, quantize=quantize)
         return cls(model, vocab, cooccurrence=cooc, retrieval=retrieval, **options)
@@ -322,11 +333,11 @@ class Engine:
         max_codes = params.max_codes_per_visit or self.max_codes_per_visit
         if self.windows is None:
             return Grammar(len(self.vocab), params.max_visits or self.max_visits, max_codes,
-                           self.max_length)
+                           self.max_length, code_rank=self.code_rank)
         # a visit must fit one window (<s> <v> codes </v> x), as in training (app.windows)
         return Grammar(len(self.vocab), params.max_visits or self.max_visits,
                        max(1, min(max_codes, self.max_length - 4)), self.max_length,
-                       rolling=True)
+                       rolling=True, code_rank=self.code_rank)
 
     # -- the public call ----------------------------------------------------------------------
     def generate(self, demographics: Sequence[Any], strategy: str = "plain",
@@ -349,6 +360,9 @@ class Engine:
         if batch_size is not None and batch_size < 1:
             raise InvalidParametersError("batch_size: must be at least 1")
         batch = batch_size or self.batch_size
+        if getattr(parsed, "two_stage", False) and self.length_plan is None:
+            raise InvalidParametersError(
+                "two_stage: this bundle has no visit and code histograms to plan lengths from")
         ages, sex_ids, sexes = self._demographics(demographics)
         grammar = self._grammar(parsed)
         required = self._required(must_include, ages, sexes, validity_mask, grammar)
@@ -518,10 +532,12 @@ class Engine:
                       params: PlainParams, grammar: Grammar, validity_mask: bool,
                       repeat: int, banned: np.ndarray | None = None,
                       calibrate: bool = True, model_ages: np.ndarray | None = None,
-                      visits_before: np.ndarray | None = None) -> _Chunk:
+                      visits_before: np.ndarray | None = None,
+                      plan_keys: np.ndarray | None = None) -> _Chunk:
         """Decode one window of ``len(prompts) * repeat`` rows. ``ages`` drive the validity
         mask, ``model_ages`` (default ``ages``) the model; ``visits_before``: visits the rows
-        have from earlier windows (a rolling continuation)."""
+        have from earlier windows (a rolling continuation); ``plan_keys`` (default ``keys``):
+        the rows' keys of a two-stage plan, the first window's in a continuation."""
         vocab_size = len(self.vocab)
         pad_id, bos_id = self.vocab.index[PAD], self.vocab.index[BOS]
         ids, attention = pad_prompts(prompts, pad_id)
@@ -551,6 +567,8 @@ class Engine:
                                  getattr(params, "bias", "count"))
                 if alpha > 0 else None)
         keep_length = bool(getattr(params, "keep_visit_length", True))
+        plan = self.length_plan if calibrate and getattr(params, "two_stage", False) else None
+        plan_keys = keys if plan_keys is None else plan_keys
         length = grammar.max_length
         out = np.full((rows, length), pad_id, dtype=np.int64)
         out[:, 0] = bos_id
@@ -573,6 +591,10 @@ class Engine:
                 scores = self.calibration.apply(scores, gstate.phase == AFTER_VISIT,
                                                 gstate.n_visits, in_visit, gstate.n_codes,
                                                 EOS_ID, END_VISIT_ID)
+            if plan is not None:
+                scores = plan.apply(scores, plan_keys[active], gstate.phase == AFTER_VISIT,
+                                    gstate.n_visits, in_visit, gstate.n_codes, EOS_ID,
+                                    VISIT_ID, END_VISIT_ID, N_SPECIAL)
             if bias is not None and in_visit.any():
                 # on the calibrated scores: the bias moves codes, the calibration the stops
                 scores = _biased(scores, bias.bias, allowed, keep_length)
@@ -643,7 +665,8 @@ class Engine:
             chunk = self._decode_chunk(
                 [self.windows.prompt(visits[r]) for r in pending], row_ages[pending],
                 row_sex[pending], keys_w, [()] * pending.size, params, grammar, validity_mask,
-                1, banned, calibrate, model_ages=ages_w, visits_before=nv)
+                1, banned, calibrate, model_ages=ages_w, visits_before=nv,
+                plan_keys=keys[pending])
             pending = self._take_window(chunk, pending, pieces, visits, loglik, n_tokens, head=1)
             window += 1
         for r in pending:  # (defensive) end a patient that could not go on

@@ -28,7 +28,7 @@ codes are placed in visits the first window keeps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,6 +74,10 @@ class Grammar:
     max_codes: int
     max_length: int = 0  # 0: the visit and code limits alone (2 + max_visits x (max_codes + 2))
     rolling: bool = False  # rows without missing required codes may run past max_length
+    # a model trained on a fixed in-visit code order (app.vocab.code_rank) never saw a code
+    # follow one of a higher rank: after a code, codes ranked at or before it are ruled out
+    # for the rest of the visit (codes still required are not)
+    code_rank: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_visits < 1 or self.max_codes < 1:
@@ -177,6 +181,10 @@ class Grammar:
             hit = state.missing[code_rows, codes]
             state.missing[code_rows, codes] = False
             state.n_missing[code_rows] -= hit.astype(np.int32)
+            if self.code_rank is not None:
+                rank = self.code_rank[N_SPECIAL:]
+                passed = rank[None, :] <= self.code_rank[codes][:, None]
+                state.used[code_rows, N_SPECIAL:] |= passed & ~state.missing[code_rows, N_SPECIAL:]
             if state.pinned is not None:
                 state.pinned[code_rows[hit]] = True
         opens = np.flatnonzero((tokens == VISIT_ID) & ((phase == START) | (phase == AFTER_VISIT)))

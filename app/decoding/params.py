@@ -67,6 +67,13 @@ class PlainParams(BaseModel):
         "Most visits per patient; default: the engine's (from the bundle)."))
     max_codes_per_visit: int | None = Field(None, ge=1, le=1000, description=(
         "Most codes per visit; default: the engine's (from the bundle)."))
+    two_stage: bool = Field(False, description=(
+        "Two-stage generation: draw each patient's visit count and codes per visit from the "
+        "training split's histograms first, then let the model fill the visits with those "
+        "stops forced (retrieve_edit ignores it: its prompt carries the lengths). Off by "
+        "default: the bundle's stop calibration matches the same histograms while keeping "
+        "the model's link between what a visit holds and how long it is (the ablation is in "
+        "bench/fidelity_results.md)."))
 
 
 class CooccurrenceParams(PlainParams):
