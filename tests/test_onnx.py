@@ -173,3 +173,28 @@ def test_int8_decoders_run_close_to_fp32(exported, tmp_path) -> None:
     # a plain fp32 re-export removes int8 graphs of older weights
     assert export_onnx(model, tmp_path) == list(GRAPHS)
     assert not any((tmp_path / name).exists() for name in INT8_GRAPHS.values())
+
+
+def test_fused_step_graph_matches_the_traced_step_of_older_bundles(exported, tmp_path) -> None:
+    """Bundles exported before the fused step graph (traced ``decoder.onnx``) still load and
+    give the same log-probabilities as the fused graph, token by token and for a multi-token
+    feed; the fused graph uses ONNX Runtime's fused attention."""
+    import onnx
+
+    vocab, model, directory, _ = exported
+    export_onnx(model, tmp_path, fused_step=False)
+    fused, traced = OnnxStepModel(directory), OnnxStepModel(tmp_path)
+    assert fused.fused_step and not traced.fused_step
+    ops = {n.op_type for n in onnx.load(str(Path(directory) / "decoder.onnx")).graph.node}
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops
+    ids, mask, age, sex = _inputs(vocab)
+    s_f, s_t = fused.start(ids, mask, age, sex), traced.start(ids, mask, age, sex)
+    feeds = [np.array([[1], [1], [1]]), np.array([[3], [3], [3]]),
+             np.array([[4, 2], [4, 3]]), np.array([[5], [6]])]
+    for step, tokens in enumerate(feeds):
+        a, s_f = fused.step(s_f, tokens)
+        b, s_t = traced.step(s_t, tokens)
+        assert np.abs(a - b).max() < 1e-5, step
+        if step == 1:
+            rows = np.array([2, 0])
+            s_f, s_t = fused.select(s_f, rows), traced.select(s_t, rows)

@@ -6,6 +6,11 @@ and ``decoder.onnx`` (one step with the key/value cache) as written by
 state is plain numpy (encoder mask, per-layer cross-attention keys/values computed once, and the
 growing self-attention cache), so :meth:`OnnxStepModel.select` is a row gather. No torch.
 
+``decoder.onnx`` comes in two formats, told apart by its inputs: the fused one-token step
+(``position_ids``, ``encoder_mask32``: ONNX Runtime's ``MultiHeadAttention`` and other fused
+operators; a feed of ``T > 1`` tokens runs ``T`` steps) and the traced torch step of older
+bundles (``decoder_input_ids [B, T]``, ``encoder_mask``).
+
 A hierarchical model's decoders return the head's levels; :class:`~app.decoding.hier_head.
 HierarchicalHead` (built from the graphs' metadata) normalises them, so :meth:`OnnxStepModel.step`
 always returns flat ``[B, V]`` log-probabilities. ``quantize=True`` runs the dynamic int8 decoders
@@ -60,6 +65,8 @@ class _OrtState:
     sex: np.ndarray
     past: list[np.ndarray] | None  # per layer: key, value (self attention)
     cross: list[np.ndarray] | None  # per layer: key, value (cross attention)
+    position: int = 0  # decoder tokens fed so far (the next token's position id)
+    encoder_mask32: np.ndarray | None = None  # int32 copy of encoder_mask (fused step graph)
 
 
 def quantize_decoders(directory: str | Path, out_dir: str | Path | None = None) -> list[str]:
@@ -76,8 +83,10 @@ def quantize_decoders(directory: str | Path, out_dir: str | Path | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for src, dst in INT8_GRAPHS.items():
+        # DefaultTensorType: the fused step graph's com.microsoft outputs carry no inferred type
         quantize_dynamic(str(directory / src), str(out_dir / dst), op_types_to_quantize=["MatMul"],
-                         per_channel=True, weight_type=QuantType.QInt8)
+                         per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         # keep the hierarchy metadata (HierarchicalHead) of the fp32 graph
         meta = {p.key: p.value for p in onnx.load(str(directory / src),
                                                   load_external_data=False).metadata_props}
@@ -135,6 +144,8 @@ class OnnxStepModel:
                                             providers=providers)
         self._init_outputs = [o.name for o in self.decoder_init.get_outputs()]
         self._step_inputs = [i.name for i in self.decoder.get_inputs()]
+        #: the fused one-token step graph (else the traced step of older bundles)
+        self.fused_step = "position_ids" in self._step_inputs
         self._step_outputs = [o.name for o in self.decoder.get_outputs()]
         self.n_layers = sum(1 for n in self._step_outputs if n.startswith("present_key"))
         self.head = None
@@ -176,8 +187,13 @@ class OnnxStepModel:
             log_probs, rest = self._log_probs(outputs), outputs[self.n_head:]
             past = [t for i in range(self.n_layers) for t in rest[4 * i: 4 * i + 2]]
             cross = [t for i in range(self.n_layers) for t in rest[4 * i + 2: 4 * i + 4]]
+            mask32 = state.encoder_mask.astype(np.int32) if self.fused_step else None
             return log_probs, _OrtState(None, state.encoder_mask, state.age, state.sex, past,
-                                        cross)
+                                        cross, tokens.shape[1], mask32)
+        if self.fused_step:
+            for t in range(tokens.shape[1]):  # one token per call (causal: the same result)
+                log_probs, state = self._fused_step(state, tokens[:, t: t + 1])
+            return log_probs, state
         feed = {"decoder_input_ids": tokens, "encoder_mask": state.encoder_mask}
         for i in range(self.n_layers):
             feed[f"past_key_{i}"] = state.past[2 * i]
@@ -186,7 +202,23 @@ class OnnxStepModel:
             feed[f"cross_value_{i}"] = state.cross[2 * i + 1]
         outputs = self.decoder.run(None, feed)
         return self._log_probs(outputs), _OrtState(None, state.encoder_mask, state.age,
-                                                   state.sex, outputs[self.n_head:], state.cross)
+                                                   state.sex, outputs[self.n_head:], state.cross,
+                                                   state.position + tokens.shape[1])
+
+    def _fused_step(self, state: _OrtState, tokens: np.ndarray,
+                    ) -> tuple[np.ndarray, _OrtState]:
+        feed = {"decoder_input_ids": np.ascontiguousarray(tokens),
+                "position_ids": np.full((1, 1), state.position, dtype=np.int64),
+                "encoder_mask32": state.encoder_mask32}
+        for i in range(self.n_layers):
+            feed[f"past_key_{i}"] = state.past[2 * i]
+            feed[f"past_value_{i}"] = state.past[2 * i + 1]
+            feed[f"cross_key_{i}"] = state.cross[2 * i]
+            feed[f"cross_value_{i}"] = state.cross[2 * i + 1]
+        outputs = self.decoder.run(None, feed)
+        return self._log_probs(outputs), _OrtState(None, state.encoder_mask, state.age,
+                                                   state.sex, outputs[self.n_head:], state.cross,
+                                                   state.position + 1, state.encoder_mask32)
 
     def select(self, state: _OrtState, rows: np.ndarray) -> _OrtState:
         rows = np.asarray(rows, dtype=np.int64)
@@ -194,4 +226,5 @@ class OnnxStepModel:
         return _OrtState(take(state.encoder_hidden), state.encoder_mask[rows],
                          state.age[rows], state.sex[rows],
                          None if state.past is None else [a[rows] for a in state.past],
-                         None if state.cross is None else [a[rows] for a in state.cross])
+                         None if state.cross is None else [a[rows] for a in state.cross],
+                         state.position, take(state.encoder_mask32))
