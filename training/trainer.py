@@ -41,6 +41,7 @@ from training.dataset import (
     encode_windowed,
     length_batches,
 )
+from training.distributed import context as process_context
 from training.fidelity import (
     sample_engine,
     validation_fidelity,
@@ -154,6 +155,12 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     started = time.perf_counter()
     out_dir = Path(out_dir)
     tc, oc = config.train, config.objective
+    # several processes under torchrun (training.distributed): rank 0 logs, validates, decides
+    # and writes; every rank starts once a previous call's checkpoint is complete
+    ddp = process_context(tc.device)
+    ddp.check(tc.dp_epsilon)
+    log, progress = ddp.quiet(log, progress)
+    ddp.barrier()
     torch.set_num_threads(max(1, tc.threads))
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
@@ -182,7 +189,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
 
     torch.manual_seed(tc.seed)
     model = HierBart(config.model, vocab)
-    device = _device(tc.device)
+    device = ddp.device(_device(tc.device))
     model.to(device)
     cooc_t = cooc_t.to(device) if cooc_t is not None else None
     log(f"model: {'hierarchical' if config.model.hierarchical else 'flat'}, "
@@ -243,6 +250,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
         wanted = plan_epochs(max_epochs=tc.epochs, epochs_done=epochs_done, budget_s=budget_s,
                              elapsed_s=elapsed, epoch_s=epoch_s, reserve_s=reserve)
         wanted = max(wanted, math.ceil(epochs_done))
+        wanted = ddp.share(wanted)  # rank 0's clock plans every rank
         if schedule.replan(wanted * steps_per_epoch, scheduler.last_epoch):
             planned_epochs = math.ceil(schedule.total_steps / steps_per_epoch)
             log(f"time budget {tc.max_minutes:g} min: schedule planned for {planned_epochs} "
@@ -252,10 +260,12 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
     done = start_epoch >= planned_epochs or (bad_epochs >= tc.patience and tc.patience > 0)
     epoch = start_epoch
     probe_steps = min(max(30, steps_per_epoch // 10), steps_per_epoch)
+    # one process: the loss of the batch; several: this rank's rows of it, through DDP
+    step_loss = ddp.step_loss(model, lambda m, b: compute_loss(m, b, oc, cooc_t))
     while not done:
         epoch_start = time.perf_counter()
         rng = np.random.default_rng([tc.seed, epoch])
-        torch.manual_seed(tc.seed * 100_003 + epoch)
+        torch.manual_seed(ddp.seed(tc.seed * 100_003 + epoch))
         model.train()
         total, n_tok = 0.0, 0
         code_nll, n_code = 0.0, 0
@@ -268,7 +278,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             if private:  # DP-SGD: per-sample clipping and noise replace the plain step
                 out = private.step(batch)
             else:
-                out = compute_loss(model, batch, oc, cooc_t)
+                out = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if tc.grad_clip > 0:
@@ -285,6 +295,14 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
                 # first plan: step time of the first steps, plus a guess for validation
                 per_step = (time.perf_counter() - epoch_start) / probe_steps
                 replan(n_batches / steps_per_epoch, 1.3 * per_step * steps_per_epoch)
+        total, n_tok, code_nll, n_code = ddp.sum_all(total, n_tok, code_nll, n_code)
+        if not ddp.is_main:  # rank 0 validates, plans, decides and checkpoints: follow it
+            replan(epoch + 1, 0.0)
+            done = ddp.share(None)
+            epoch, epochs_run = epoch + 1, epochs_run + 1
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs and not done:
+                return TrainResult(out_dir, {}, history, model)
+            continue
         train_s = time.perf_counter() - epoch_start
         tick = time.perf_counter()
         val_obj = evaluate(model, enc_val, oc, "train", tc.eval_batch_size, cooc=cooc_t,
@@ -348,6 +366,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             done = True
         elif tc.patience > 0 and bad_epochs >= tc.patience:
             stopped_by, done = "early_stopping", True
+        done = ddp.share(done)  # the other ranks stop with rank 0
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "schedule": schedule.state_dict(),
                     "planned_epochs": planned_epochs, "history": history,
@@ -360,6 +379,8 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
             log(f"interrupted after epoch {epoch} (checkpoint kept)")
             return TrainResult(out_dir, {}, history, model)
 
+    if not ddp.is_main:  # the test evaluation, the calibration and the bundle are rank 0's
+        return TrainResult(out_dir, {}, history, model)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -397,7 +418,7 @@ def train(corpus: Corpus, out_dir: str | Path, config: RunConfig, *,
                  "n_codes": test_gen["n_codes"]},
         "stop_calibration": calibration.info if calibration is not None else None,
         "wall_seconds": wall, "peak_rss_mb": peak_rss_mb(), "threads": tc.threads,
-        "device": str(device),
+        "device": str(device), **ddp.manifest(),
     }
     data = {"source": corpus.source, "content_hash": corpus_hash(corpus.patients),
             "n_patients": len(corpus.patients), "dropped": dict(corpus.drops.counts),

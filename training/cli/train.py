@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,8 @@ from training.sizing import corpus_profile, recipe_for
 from training.splits import split_patients
 
 __all__ = ["default_run_config", "load_training_corpus", "run_train", "train_command"]
+# the keyword arguments of run_train that are paths (they travel to torchrun's processes as text)
+_PATH_ARGS = ("out", "data", "config")
 # Recipes of the project's own simulation presets. Every other corpus gets the recipe of
 # training.sizing, chosen from its training split.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -82,8 +85,7 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     if size != "auto" and size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose auto or one of {', '.join(SIZES)}")
     out = Path(out)
-    if (out / "manifest.json").exists() and not (force or resume):
-        raise FileExistsError(f"{out} already holds a bundle; pass --force to overwrite it")
+    _check_out(out, force, resume)
     corpus = load_training_corpus(source, data, preset, seed or 0, date_format)
     if config:
         run, choice = RunConfig.load(config), {"size": "config file", "path": str(config)}
@@ -102,6 +104,48 @@ def run_train(*, out: Path, source: str | None, data: Path | None, preset: str |
     info = {"path": str(data) if data else None, "preset": preset, "date_format": date_format}
     return train(corpus, out, run, data_info=info, resume=resume, progress=progress,
                  export=export, model_choice=choice)
+
+
+def _check_out(out: Path, force: bool, resume: bool) -> None:
+    if (out / "manifest.json").exists() and not (force or resume):
+        raise FileExistsError(f"{out} already holds a bundle; pass --force to overwrite it")
+
+
+def _run_train_from_json(**kwargs: Any):
+    """:func:`run_train` in one of torchrun's processes (``synthehr train --nproc N``)."""
+    for key in _PATH_ARGS:
+        if kwargs.get(key) is not None:
+            kwargs[key] = Path(kwargs[key])
+    return run_train(**kwargs)
+
+
+def _train_distributed(nproc: int, kwargs: dict[str, Any]) -> None:
+    """``synthehr train --nproc N``: the same command in ``nproc`` processes under torchrun
+    (:func:`training.distributed.launch`); what cannot run there is refused here first."""
+    overrides = kwargs.get("overrides") or {}
+    if overrides.get("train.dp_epsilon"):
+        raise ValueError("differential privacy (DP-SGD) runs in one process only; drop --nproc")
+    _check_out(Path(kwargs["out"]), kwargs["force"], kwargs["resume"])
+    device = str(kwargs.get("device") or overrides.get("train.device") or "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < nproc:
+            raise ValueError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; torch sees "
+                             f"{torch.cuda.device_count()}")
+    from training.distributed import LaunchError, launch
+
+    payload = {k: str(v) if k in _PATH_ARGS and v is not None else v for k, v in kwargs.items()}
+    try:
+        launch(nproc, "training.cli.train:_run_train_from_json", payload,
+               threads=kwargs.get("threads") or 1)
+    except LaunchError as err:
+        raise ValueError(str(err)) from None
+
+
+def _torchrun_world() -> int:
+    """The number of processes torchrun started this one among (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _parse_value(text: str) -> Any:
@@ -151,6 +195,10 @@ def train_command(
                                "patients are left out (default 11).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     export: Annotated[bool, typer.Option(help="Export ONNX graphs when available.")] = True,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Train data-parallel in N processes on this machine (PyTorch "
+                        "DistributedDataParallel under torchrun: gloo on CPU, NCCL on CUDA, "
+                        "one torch thread each unless --threads). Not with --dp-epsilon.")] = 1,
 ) -> None:
     """Train the hierarchical BART on a corpus and write a bundle to OUT."""
     if dp_epsilon is not None and not dp_epsilon > 0:  # 0 would silently mean "no DP"
@@ -167,13 +215,30 @@ def train_command(
         if not sep:
             raise fail(f"--set wants key=value, got {item!r}")
         overrides[key.strip()] = _parse_value(value.strip())
+    kwargs: dict[str, Any] = {
+        "out": out, "source": source, "data": data, "preset": preset, "size": size,
+        "config": config, "overrides": overrides, "flat": flat, "epochs": epochs,
+        "batch_size": batch_size, "seed": seed, "threads": threads, "max_minutes": max_minutes,
+        "device": device, "date_format": date_format, "resume": resume, "force": force,
+        "progress": progress, "export": export}
+    world = _torchrun_world()
+    if nproc < 1:
+        raise fail(f"--nproc must be at least 1, got {nproc}")
+    if world > 1 and nproc not in (1, world):
+        raise fail(f"--nproc {nproc} under torchrun, which started {world} processes: leave "
+                   f"--nproc out (torchrun's --nproc-per-node sets the number)")
     try:
-        run_train(out=out, source=source, data=data, preset=preset, size=size, config=config,
-                  overrides=overrides, flat=flat, epochs=epochs, batch_size=batch_size,
-                  seed=seed, threads=threads, max_minutes=max_minutes, device=device,
-                  date_format=date_format,
-                  resume=resume,
-                  force=force, progress=progress, export=export)
+        if world > 1:  # started by torchrun: this process is one rank of the run
+            from training.distributed import session
+
+            with session():
+                run_train(**kwargs)
+        elif nproc > 1:
+            _train_distributed(nproc, kwargs)
+        else:
+            run_train(**kwargs)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
+        if world > 1 and os.environ.get("RANK", "0") != "0":
+            raise typer.Exit(code=2) from None  # rank 0 says why
         raise fail(str(err)) from None
 
