@@ -15,6 +15,7 @@ training noise comes on top and needs several seeds per arm.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from app.bundle import read_manifest
 from app.decoding.engine import Engine
 from app.evaluation import real_floor_sample
 from bench.draw_noise import METRICS
+from training.cli.evaluate import load_bundle_corpus
 from training.evaluate import derive_seed, protocol_demographics
-from training.loaders import load_corpus
 from training.splits import split_patients
 
 FLAG_SECTIONS = ("model", "objective", "train")
@@ -55,21 +56,38 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=4)
     parser.add_argument("--data", type=Path, default=None,
                         help="the corpus folder (default: the path in the first manifest)")
+    parser.add_argument("--params", action="append", default=[], metavar="LABEL=JSON",
+                        help="plain-strategy parameters of one arm, e.g. a decoding option: "
+                             "'two-stage={\"two_stage\": true}' (its bundle may be another "
+                             "arm's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     arms = [tuple(a.split("=", 1)) for a in args.arm]
     if any(len(a) != 2 for a in arms):
         parser.error("--arm takes LABEL=BUNDLE")
+    params = {}
+    for item in args.params:
+        label, _, text = item.partition("=")
+        params[label] = json.loads(text)
+    if len({label for label, _ in arms}) != len(arms):
+        parser.error("arm labels must differ")
     manifests = {label: read_manifest(Path(path)) for label, path in arms}
     data = next(iter(manifests.values()))["data"]
     for label, manifest in manifests.items():
         if manifest["data"].get("content_hash") != data.get("content_hash"):
             parser.error(f"arm {label!r} was trained on another corpus")
-    split = split_patients(load_corpus(data["source"], args.data or data["path"]).patients)
+    first = Path(arms[0][1])
+    # as `synthehr evaluate` reloads it: a simulated preset re-simulated, a file source read,
+    # the content hash checked
+    split = split_patients(load_bundle_corpus(manifests[arms[0][0]], first, args.data)[0].patients)
     demographics = protocol_demographics(split.test)
     flags = {label: _flags(m) for label, m in manifests.items()}
     keys = sorted({k for f in flags.values() for k in f} - IGNORED_FLAGS)
     differing = [k for k in keys if len({repr(f.get(k)) for f in flags.values()}) > 1]
+    if params:
+        differing.append("params")
+        for label, arm_flags in flags.items():
+            arm_flags["params"] = json.dumps(params.get(label, {}))
     print(f"{data['source']}: {len(split.test):,} test patients, {args.draws} draws per arm; "
           f"flags that differ: {', '.join(differing) or 'none'}\n")
     header = ["arm", *differing, "seed", *METRICS, "train min", "epochs (planned)", "selected"]
@@ -78,7 +96,7 @@ def main() -> None:
         engine = Engine.from_bundle(Path(path), intra_op_threads=args.threads)
         draws = []
         for draw in range(args.draws):
-            cohort = engine.generate(demographics, "plain",
+            cohort = engine.generate(demographics, "plain", params.get(label),
                                      seed=derive_seed(draw, "noise")).patients
             draws.append({m: f(split.test, cohort) for m, f in METRICS.items()})
         metrics = manifests[label].get("metrics", {})

@@ -268,22 +268,23 @@ def test_cooccurrence_penalty_and_aux_heads(vocab):
 
 
 def test_marginal_divergence_is_the_kl_of_the_mean_code_distribution():
-    from training.objective import _marginal_divergence
+    from training.objective import _code_positions, _marginal_divergence
 
     n_special = 2
-    # two code positions over three codes (columns after the specials), one non-code position
+    # two code positions over three codes (columns after the specials)
     probs = np.array([[0.1, 0.1, 0.4, 0.2, 0.2],
-                      [0.0, 0.2, 0.2, 0.2, 0.4],
-                      [0.5, 0.5, 0.0, 0.0, 0.0]]) + 1e-12
-    target = torch.tensor([2, 4, 0])
+                      [0.0, 0.2, 0.2, 0.2, 0.4]]) + 1e-12
     freq = torch.tensor([0.5, 0.25, 0.25])
-    got = _marginal_divergence(torch.tensor(np.log(probs), dtype=torch.float64), target,
+    got = _marginal_divergence(torch.tensor(np.log(probs), dtype=torch.float64),
                                freq.double(), n_special)
-    codes = probs[:2, n_special:] / probs[:2, n_special:].sum(1, keepdims=True)
+    codes = probs[:, n_special:] / probs[:, n_special:].sum(1, keepdims=True)
     mean = codes.mean(0)
     f = freq.numpy().astype(np.float64)
     assert float(got) == pytest.approx(float((f * np.log(f / mean)).sum()), rel=1e-6)
-    assert _marginal_divergence(torch.zeros(1, 5), torch.tensor([1]), freq, n_special) is None
+    # the code positions, thinned evenly past the cap
+    target = torch.tensor([0, 3, 4, 1, 5, 6, 2, 7])
+    assert _code_positions(target, 3, 10).tolist() == [1, 2, 4, 5, 7]
+    assert _code_positions(target, 3, 3).tolist() == [1, 4, 7]
 
 
 def test_marginal_weight_adds_a_term_with_gradient(vocab):

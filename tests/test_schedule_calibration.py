@@ -77,6 +77,13 @@ def test_recipe_follows_the_corpus():
     assert "differential privacy" in dp_reasons["train.batch_size"]
     _, dp_small, _ = recipe_for(small, dp=True)
     assert dp_small["train.batch_size"] == 16  # 100 patients: still 8 batches an epoch
+    # moment matching stays on (the config's default) for a small vocabulary, off past 3,000
+    assert "objective.marginal_weight" not in over
+    from dataclasses import replace
+
+    _, wide, wide_reasons = recipe_for(replace(big, n_codes=3431))
+    assert wide["objective.marginal_weight"] == 0.0
+    assert "3,431 distinct codes" in wide_reasons["objective.marginal_weight"]
 
 
 # -- stop calibration -------------------------------------------------------------------------

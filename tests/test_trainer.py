@@ -137,10 +137,12 @@ def test_add_bundle_file_registers_checksum(mimic_bundle, tmp_path):
         verify_bundle(copy)
 
 
-def test_resume_equals_uninterrupted_run(mimic_corpus, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_equals_uninterrupted_run(mimic_corpus, tmp_path, ema_decay):
     from training.trainer import train
 
-    run = tiny_run(epochs=3, patience=10)
+    # with a weight average the checkpoint must carry it: the bundle gets the averaged weights
+    run = tiny_run(epochs=3, patience=10, ema_decay=ema_decay)
     quiet = {"progress": False, "log": lambda m: None, "export": False}
     whole = train(mimic_corpus, tmp_path / "whole", run, **quiet)
     part = train(mimic_corpus, tmp_path / "part", run, stop_after_epochs=1, **quiet)
@@ -235,3 +237,31 @@ def test_selection_keeps_the_latest_epoch_within_noise_of_the_best():
     assert selected([3.0, 2.5, 2.52, 2.6], higher=False) == 2  # within 1% of 2.5, not 4%
     improved, keep = _judge(0.9305, 0.93, True, tc)
     assert keep and not improved  # inside min_delta: kept, but patience is not reset
+
+
+def test_weight_average_is_the_exponential_average_of_the_steps():
+    from app.corpus import Patient
+    from app.vocab import Vocabulary
+    from training.trainer import _weight_average
+
+    vocab = Vocabulary.from_patients([Patient("p", 50.0, "F", (("250.00", "401.9"),))])
+    model = HierBart(model_config_for("tiny"), vocab)
+    ema = _weight_average(model, 0.9, private=False, log=lambda m: None)
+    name, param = next(iter(model.named_parameters()))
+    seen = []
+    for value in (1.0, 3.0, -2.0):
+        with torch.no_grad():
+            param.fill_(value)
+        ema.update_parameters(model)
+        seen.append(value)
+    expected = seen[0]  # the first update copies, later ones move by the warmed-up decay
+    for n, value in enumerate(seen[1:], start=1):
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * value
+    averaged = dict(ema.module.named_parameters())[name]
+    assert torch.allclose(averaged, torch.full_like(averaged, expected))
+    assert _weight_average(model, 0.0, private=False, log=lambda m: None) is None
+    said = []
+    assert _weight_average(model, 0.9, private=True, log=said.append) is None and said
+    with pytest.raises(ValueError, match="ema_decay"):
+        _weight_average(model, 1.0, private=False, log=lambda m: None)

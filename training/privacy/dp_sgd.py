@@ -126,10 +126,10 @@ def plan_dp(tc: TrainConfig, objective: ObjectiveConfig, n_train: int, *,
     if resume:
         raise DPSettingsError("--resume is not supported with DP training: the accountant's "
                               "state is not checkpointed; start a new output folder")
-    if objective.marginal_weight > 0 or objective.contrastive_steps > 0:
-        raise DPSettingsError("objective.marginal_weight and objective.contrastive_steps use "
-                              "exact training-split statistics, which a DP run does not "
-                              "release: set them to 0")
+    if objective.contrastive_steps > 0:
+        raise DPSettingsError("objective.contrastive_steps uses the exact co-occurrence matrix "
+                              "of the training split, which a DP run does not release: set it "
+                              "to 0")
     if objective.cooc_weight > 0:
         raise DPSettingsError("objective.cooc_weight > 0 uses the exact co-occurrence matrix of "
                               "the training split, which DP training cannot use; set it to 0")
