@@ -35,9 +35,15 @@ from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoder
 from app.vocab import BOS, END_VISIT, EOS, MASK, PAD, SPECIAL_TOKENS, VISIT, Vocabulary
 from training.config import AGE_SCALE, ModelConfig
 
-__all__ = ["NEG_INF", "HierBart", "PastKeyValues", "segment_logsumexp"]
+__all__ = ["NEG_INF", "TARGET_BLOCK_BYTES", "HierBart", "PastKeyValues",
+           "segment_logsumexp"]
 
 NEG_INF = -1e9
+# Without autograd (evaluation), :meth:`HierBart.target_log_probs` scores code targets in
+# blocks of rows whose largest intermediate (the gathered weights of each target's category,
+# or its category logits) stays within this size: in one piece a 32k-token evaluation batch of
+# the claims-scale corpus gathered 280 MB at once.
+TARGET_BLOCK_BYTES = 32 << 20
 PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...]
 _PAD_ID, _BOS_ID, _MASK_ID = (SPECIAL_TOKENS.index(t) for t in (PAD, BOS, MASK))
 _PREDICTABLE = tuple(SPECIAL_TOKENS.index(t) for t in (EOS, VISIT, END_VISIT))
@@ -323,6 +329,24 @@ class HierBart(nn.Module):
         if rows.numel() == 0:
             return out
         hc, cat, chap, cd = h[rows], category[rows], chapter[rows], code[rows]
+        block = hc.shape[0]
+        if not torch.is_grad_enabled():
+            # without autograd nothing is kept for a backward pass: rows in blocks, so the
+            # [rows, largest category, d] gathered weights stay within TARGET_BLOCK_BYTES
+            width = max(c.n_categories, self._category_members()[0].shape[1] * hc.shape[1])
+            block = max(1, TARGET_BLOCK_BYTES // (width * hc.element_size()))
+        if block >= hc.shape[0]:
+            return out.index_add(0, rows, self._code_terms(hc, cat, chap, cd))
+        terms = torch.cat([self._code_terms(hc[s:s + block], cat[s:s + block],
+                                            chap[s:s + block], cd[s:s + block])
+                           for s in range(0, hc.shape[0], block)])
+        return out.index_add(0, rows, terms)
+
+    def _code_terms(self, hc: torch.Tensor, cat: torch.Tensor, chap: torch.Tensor,
+                    cd: torch.Tensor) -> torch.Tensor:
+        """``log P(category | chapter) + log P(code | category)`` of code targets: states
+        ``[R, d]``, their categories, chapters and codes ``[R]``."""
+        c = self.config
         cat_logits = hc @ self.category_embed.weight[:c.n_categories].T + self.category_bias
         same_chapter = self.category_chapter[None, :] == chap[:, None]
         cat_lse = torch.logsumexp(cat_logits.masked_fill(~same_chapter, NEG_INF), dim=-1)
@@ -333,7 +357,7 @@ class HierBart(nn.Module):
         code_logits = torch.einsum("rd,rmd->rm", hc, weight[idx]) + self.code_bias[idx]
         code_lse = torch.logsumexp(code_logits.masked_fill(~member_ok[cat], NEG_INF), dim=-1)
         own = (hc * weight[cd]).sum(-1) + self.code_bias[cd]
-        return out.index_add(0, rows, cat_lp + own - code_lse)
+        return cat_lp + own - code_lse
 
     def _category_members(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ``[categories, largest]`` code indices per category and their validity."""
