@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from training.memory import TRIM_EVERY_DECODE_STEPS, release_heap
 from training.model import HierBart, PastKeyValues
 
 __all__ = ["TorchStepModel"]
@@ -31,6 +32,7 @@ class TorchStepModel:
         self.model = model.eval()
         self.vocab_size = model.config.n_tokens
         self.device = next(model.parameters()).device
+        self.steps = 0  # decoding steps, for giving freed memory back (training.memory)
 
     def _tensor(self, array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(self.device)
@@ -46,6 +48,9 @@ class TorchStepModel:
 
     @torch.no_grad()
     def step(self, state: _TorchState, tokens: np.ndarray) -> tuple[np.ndarray, _TorchState]:
+        self.steps += 1
+        if self.steps % TRIM_EVERY_DECODE_STEPS == 0:  # the caches of earlier steps, freed
+            release_heap()
         ids = self._tensor(tokens, np.int64)
         h, past = self.model.decoder_hidden(ids, state.age, state.sex, state.encoder_hidden,
                                             state.encoder_mask, state.past)
