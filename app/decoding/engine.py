@@ -184,7 +184,6 @@ class Engine:
         # training histograms for two_stage requests (app.decoding.two_stage); None: refused
         self.length_plan = length_plan
         # the in-visit code order the model was trained on: a fixed one is decoded under it
-        self.code_order = code_order
         self.code_rank = code_rank(vocab, code_order)
         self.model_seconds = 0.0
 

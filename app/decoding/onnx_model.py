@@ -195,26 +195,29 @@ class OnnxStepModel:
                 log_probs, state = self._fused_step(state, tokens[:, t: t + 1])
             return log_probs, state
         feed = {"decoder_input_ids": tokens, "encoder_mask": state.encoder_mask}
+        feed.update(self._cache_feed(state))
+        outputs = self.decoder.run(None, feed)
+        return self._log_probs(outputs), _OrtState(None, state.encoder_mask, state.age,
+                                                   state.sex, outputs[self.n_head:], state.cross,
+                                                   state.position + tokens.shape[1])
+
+    def _cache_feed(self, state: _OrtState) -> dict[str, np.ndarray]:
+        """The self-attention past and the cross-attention keys/values of every layer, by the
+        input names both step graphs (traced and fused) share."""
+        feed = {}
         for i in range(self.n_layers):
             feed[f"past_key_{i}"] = state.past[2 * i]
             feed[f"past_value_{i}"] = state.past[2 * i + 1]
             feed[f"cross_key_{i}"] = state.cross[2 * i]
             feed[f"cross_value_{i}"] = state.cross[2 * i + 1]
-        outputs = self.decoder.run(None, feed)
-        return self._log_probs(outputs), _OrtState(None, state.encoder_mask, state.age,
-                                                   state.sex, outputs[self.n_head:], state.cross,
-                                                   state.position + tokens.shape[1])
+        return feed
 
     def _fused_step(self, state: _OrtState, tokens: np.ndarray,
                     ) -> tuple[np.ndarray, _OrtState]:
         feed = {"decoder_input_ids": np.ascontiguousarray(tokens),
                 "position_ids": np.full((1, 1), state.position, dtype=np.int64),
                 "encoder_mask32": state.encoder_mask32}
-        for i in range(self.n_layers):
-            feed[f"past_key_{i}"] = state.past[2 * i]
-            feed[f"past_value_{i}"] = state.past[2 * i + 1]
-            feed[f"cross_key_{i}"] = state.cross[2 * i]
-            feed[f"cross_value_{i}"] = state.cross[2 * i + 1]
+        feed.update(self._cache_feed(state))
         outputs = self.decoder.run(None, feed)
         return self._log_probs(outputs), _OrtState(None, state.encoder_mask, state.age,
                                                    state.sex, outputs[self.n_head:], state.cross,
